@@ -1,0 +1,20 @@
+"""foldernet: folders of labelled examples -> a classifier you can trust and ship.
+
+    import foldernet
+    result = foldernet.train("data/", out="runs/x")
+    model = foldernet.load("runs/x")
+    for p in model.predict(["photo.jpg"], top_k=3):
+        print(p.source, p.top)
+"""
+
+__version__ = "0.1.0"
+
+from .bundle import Classifier, Prediction, load  # noqa: E402
+from .data import scan  # noqa: E402
+from .errors import FoldernetError  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .split import split_dataset  # noqa: E402
+from .train import train  # noqa: E402
+
+__all__ = ["Classifier", "FoldernetError", "Prediction", "evaluate", "load", "scan", "split_dataset", "train",
+           "__version__"]

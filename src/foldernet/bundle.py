@@ -1,0 +1,173 @@
+"""The model bundle: the one thing on disk that every later stage reads.
+
+RUN/model/
+  config.json        backbone, weights source, preprocessing, labels, version, metrics summary
+  model.safetensors  backbone.* and head.* tensors (no pickle anywhere in loading)
+  metrics.json       full evaluation of val/test
+  splits.csv         which file went where
+  labels.txt         one label a line, for label_image habits
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import FoldernetError
+from .features import FeatureExtractor, softmax
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from .preprocess import Preprocess
+
+BUNDLE_FORMAT = 1
+
+
+def save_bundle(model_dir: str | os.PathLike, backbone_model, head_weight: np.ndarray, head_bias: np.ndarray,
+                config: dict, metrics: dict | None = None) -> Path:
+    """Write a bundle folder (each file atomically). ``config`` must hold backbone, labels, preprocess."""
+    from safetensors.torch import save
+
+    import torch
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"backbone.{k}": v.detach().cpu().contiguous() for k, v in backbone_model.state_dict().items()}
+    tensors["head.weight"] = torch.from_numpy(np.ascontiguousarray(head_weight, np.float32))
+    tensors["head.bias"] = torch.from_numpy(np.ascontiguousarray(head_bias, np.float32))
+    atomic_write_bytes(model_dir / "model.safetensors", save(tensors, metadata={"format": "foldernet"}))
+    config = {"format": BUNDLE_FORMAT, "foldernet_version": __version__, **config}
+    atomic_write_json(model_dir / "config.json", config)
+    atomic_write_text(model_dir / "labels.txt", "\n".join(config["labels"]) + "\n")
+    if metrics is not None:
+        atomic_write_json(model_dir / "metrics.json", metrics)
+    return model_dir
+
+
+def find_model_dir(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    for cand in (path, path / "model"):
+        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
+            return cand
+    raise FoldernetError(f"no model bundle at {path}: expected {path}/model/config.json and model.safetensors. "
+                         "Train one with `foldernet train DATA --out RUN`.")
+
+
+@dataclass
+class Prediction:
+    """Top-k answer for one input. ``error`` is set (and ``top`` empty) when the input was unreadable."""
+
+    source: str
+    top: list[tuple[str, float]]
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
+
+    @property
+    def confidence(self) -> float | None:
+        return self.top[0][1] if self.top else None
+
+
+class Classifier:
+    """A loaded bundle: ``predict`` files, folders or bytes; ``predict_proba`` for arrays."""
+
+    def __init__(self, model_dir: Path, engine: str = "onnx", use_cache: bool = True):
+        from safetensors.torch import load_file
+
+        from .models import create_backbone, state_digest
+
+        self.model_dir = model_dir
+        self.config = read_json(model_dir / "config.json")
+        if self.config.get("format", 0) > BUNDLE_FORMAT:
+            raise FoldernetError(f"{model_dir} was written by a newer foldernet "
+                                 f"({self.config.get('foldernet_version')}); upgrade foldernet to load it")
+        self.labels: list[str] = list(self.config["labels"])
+        self.preprocess = Preprocess.from_dict(self.config["preprocess"])
+        tensors = load_file(str(model_dir / "model.safetensors"))
+        backbone = create_backbone(self.config["backbone"], pretrained=False)
+        state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        try:
+            backbone.model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise FoldernetError(f"{model_dir}/model.safetensors does not fit backbone "
+                                 f"{self.config['backbone']}: {str(exc)[:300]}") from exc
+        self.backbone = backbone.model.eval()
+        self.head_weight = tensors["head.weight"].numpy()
+        self.head_bias = tensors["head.bias"].numpy()
+        self.temperature = float(self.config.get("temperature", 1.0))
+        self._engine_pref = engine
+        self._use_cache = use_cache
+        self._extractor: FeatureExtractor | None = None
+        self._digest = state_digest(self.backbone)
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.backbone, self.preprocess, self._digest, self.config["backbone"],
+                                               engine=self._engine_pref, use_cache=self._use_cache)
+        return self._extractor
+
+    def proba_from_features(self, feats: np.ndarray) -> np.ndarray:
+        return softmax((feats @ self.head_weight.T + self.head_bias) / self.temperature)
+
+    def predict_proba(self, sources: Sequence, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(probs (N, C), ok mask, {index: reason}) for paths or bytes."""
+        f = self.extractor(list(sources), desc="predict", progress=progress)
+        return self.proba_from_features(f.vectors), f.ok, f.errors
+
+    def predict(self, inputs: str | os.PathLike | bytes | Iterable, top_k: int = 5, batch_size: int = 256,
+                progress: bool = False) -> list[Prediction]:
+        return list(self.iter_predict(inputs, top_k=top_k, batch_size=batch_size, progress=progress))
+
+    def iter_predict(self, inputs, top_k: int = 5, batch_size: int = 256, progress: bool = False
+                     ) -> Iterator[Prediction]:
+        """Stream predictions chunk by chunk, so a folder of 10,000 images never sits in memory."""
+        sources = expand_inputs(inputs)
+        k = max(1, min(top_k, len(self.labels)))
+        for start in range(0, len(sources), batch_size):
+            chunk = sources[start:start + batch_size]
+            probs, ok, errors = self.predict_proba(chunk, progress=progress and len(sources) > batch_size)
+            for i, src in enumerate(chunk):
+                name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
+                if not ok[i]:
+                    yield Prediction(name, [], errors.get(i, "unreadable"))
+                    continue
+                order = np.argsort(-probs[i])[:k]
+                yield Prediction(name, [(self.labels[j], float(probs[i, j])) for j in order])
+
+
+def expand_inputs(inputs) -> list:
+    """Files, folders (recursively, image files only, sorted) and raw bytes -> a flat list."""
+    from .data import IMAGE_EXTENSIONS
+
+    if isinstance(inputs, (str, os.PathLike, bytes, bytearray)):
+        inputs = [inputs]
+    out: list = []
+    for src in inputs:
+        if isinstance(src, (bytes, bytearray)):
+            out.append(bytes(src))
+            continue
+        p = Path(src).expanduser()
+        if p.is_dir():
+            out.extend(sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS),
+                              key=lambda f: f.as_posix()))
+        elif p.exists() or p.is_symlink():
+            out.append(p)
+        else:
+            raise FoldernetError(f"input not found: {p}")
+    return out
+
+
+def load(path: str | os.PathLike, engine: str = "onnx", use_cache: bool = True) -> Classifier:
+    """Load a bundle from ``RUN`` or ``RUN/model``."""
+    return Classifier(find_model_dir(path), engine=engine, use_cache=use_cache)
+
+
+def bundle_summary(path: str | os.PathLike) -> dict:
+    return json.loads((find_model_dir(path) / "config.json").read_text(encoding="utf-8"))

@@ -1,0 +1,202 @@
+"""The command line: ``foldernet VERB ARGS [--options]``, one grammar for every stage."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.text import Text
+
+from .errors import FoldernetError
+from .progress import console, stdout
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="foldernet: folders of labelled examples -> a classifier you can trust and ship.")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("foldernet")
+    if not logger.handlers:
+        logger.addHandler(RichHandler(console=console, show_path=False, show_time=False))
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _print_train_result(result) -> None:
+    from .evaluate import metrics_table, most_confused
+
+    m = result.metrics
+    split = m.get("reported_split")
+    if split:
+        stdout.print(metrics_table(m["splits"][split], f"{split} split ({m['splits'][split]['n']} images)"))
+        pairs = most_confused(m["splits"][split], 3)
+        if pairs:
+            stdout.print("most confused: " + "; ".join(f"{a} -> {b} ({n})" for a, b, n in pairs))
+    t = result.timings
+    stdout.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    stdout.print(f"model bundle: {result.model_dir}")
+    if (result.run_dir / "confusion_matrix.png").exists():
+        stdout.print(f"confusion matrix: {result.run_dir / 'confusion_matrix.png'}")
+    if result.skipped:
+        stdout.print(f"skipped {len(result.skipped)} file(s): see {result.run_dir / 'skipped.csv'}")
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="DATA/<class>/<images> or DATA/{train,val,test}/<class>/<images>"),
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="run folder to create"),
+    backbone: str = typer.Option("tf_efficientnet_lite0", help="any timm model name"),
+    weights: Optional[Path] = typer.Option(None, help="local weights file (.safetensors or state_dict)"),
+    mode: str = typer.Option("head", help="head: frozen backbone features + linear head"),
+    val: float = typer.Option(0.15, help="validation fraction (when DATA has no split folders)"),
+    test: float = typer.Option(0.15, help="test fraction (when DATA has no split folders)"),
+    seed: int = typer.Option(0),
+    balance: str = typer.Option("auto", help="auto | off | weights | sampler"),
+    epochs: int = typer.Option(200, help="maximum epochs (early stopping on validation)"),
+    splits: Optional[Path] = typer.Option(None, help="splits.csv to reuse (default: DATA/splits.csv if present)"),
+    label_regex: Optional[str] = typer.Option(None, help="label from a regex group on the relative path"),
+    group_regex: Optional[str] = typer.Option(None, help="group key from a regex group (kept on one side)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the feature cache"),
+    engine: str = typer.Option("onnx", help="onnx (fast CPU path) or torch"),
+    force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
+) -> None:
+    """Train a classifier and write a model bundle to OUT/model."""
+    from .train import train as _train
+
+    result = _train(data, out, backbone=backbone, weights=weights, mode=mode, val=val, test=test, seed=seed,
+                    balance=balance, max_epochs=epochs, force=force, splits=splits, engine=engine,
+                    use_cache=not no_cache, label_regex=label_regex, group_regex=group_regex)
+    _print_train_result(result)
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
+    data: Path = typer.Argument(..., help="labelled folder: DATA/<class>/<images>"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for metrics.json and confusion_matrix.png"),
+) -> None:
+    """Evaluate a model on another labelled folder, e.g. a separate field test set."""
+    from .evaluate import evaluate as _evaluate
+    from .evaluate import metrics_table, most_confused
+
+    m = _evaluate(run, data, out=out)
+    stdout.print(metrics_table(m, f"{data} ({m['n']} images)"))
+    pairs = most_confused(m, 3)
+    if pairs:
+        stdout.print("most confused: " + "; ".join(f"{a} -> {b} ({n})" for a, b, n in pairs))
+    for rel, reason in m["skipped"]:
+        console.print(Text("skipped ", style="yellow") + Text(f"{rel}: {reason}"))
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
+    inputs: List[Path] = typer.Argument(..., help="image files and/or folders"),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="how many labels to list per input"),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="write a CSV instead of printing"),
+) -> None:
+    """Top-k labels with probabilities for each image (label_image style), or a CSV."""
+    from .bundle import load
+    from .io import atomic_write_text
+
+    model = load(run)
+    preds = model.iter_predict(inputs, top_k=top_k, progress=csv_out is not None)
+    n_bad = 0
+    if csv_out is not None:
+        k = max(1, min(top_k, len(model.labels)))
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"label{i}", f"prob{i}")] + ["error"])
+        count = 0
+        for p in preds:
+            count += 1
+            n_bad += p.error is not None
+            cells = [c for lab, prob in p.top for c in (lab, f"{prob:.6f}")]
+            w.writerow([p.source] + cells + [""] * (2 * k - len(cells)) + [p.error or ""])
+        atomic_write_text(csv_out, buf.getvalue())
+        stdout.print(f"wrote {count} predictions to {csv_out}")
+    else:
+        for p in preds:
+            stdout.print(p.source)
+            if p.error:
+                n_bad += 1
+                stdout.print(f"  skipped: {p.error}")
+            for label, prob in p.top:
+                stdout.print(f"  {label} {prob:.4f}")
+    if n_bad:
+        console.print(f"[yellow]{n_bad} input(s) could not be read; they are listed with the reason[/]")
+
+
+@app.command()
+def split(
+    data: Path = typer.Argument(..., help="DATA/<class>/<images>"),
+    val: float = typer.Option(0.15), test: float = typer.Option(0.15), seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="where to write splits.csv (default DATA/splits.csv)"),
+    label_regex: Optional[str] = typer.Option(None), group_regex: Optional[str] = typer.Option(None),
+) -> None:
+    """Write a stratified, seeded, stable splits.csv that `train` then uses."""
+    from .split import split_counts, split_dataset
+
+    ds = split_dataset(data, val=val, test=test, seed=seed, out=out, label_regex=label_regex,
+                       group_regex=group_regex)
+    counts = split_counts(ds.items, ds.classes)
+    for s, c in counts.items():
+        stdout.print(f"{s:5s} {sum(c.values()):6d}  " + "  ".join(f"{k}:{v}" for k, v in c.items()))
+    stdout.print(f"wrote {out or Path(data) / 'splits.csv'}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("foldernet-demo"), "--out", "-o", help="folder for the demo data and run"),
+    per_class: int = typer.Option(50, help="images per digit class"),
+    force: bool = typer.Option(False, "--force", help="replace an existing demo folder"),
+) -> None:
+    """Offline, ~1 minute: write real handwritten digits as class folders, train, evaluate, predict."""
+    from .bundle import load
+    from .demo import write_digits
+    from .io import check_new_output
+    from .train import train as _train
+
+    check_new_output(out, force)
+    data = write_digits(out / "data", per_class=per_class)
+    stdout.print(f"1/3 wrote {sum(1 for _ in data.rglob('*.png'))} digit images to {data}")
+    result = _train(data, out / "run", force=True)
+    stdout.print("2/3 trained and evaluated")
+    _print_train_result(result)
+    model = load(result.run_dir)
+    rows = [line.split(",") for line in (result.model_dir / "splits.csv").read_text(encoding="utf-8").splitlines()[1:]]
+    firsts = {}
+    for path, label, split_name, _ in rows:
+        if split_name == "test":
+            firsts.setdefault(label, data / path)
+    test_files = list(firsts.values())[::3][:3]
+    stdout.print("3/3 predictions for three test images:")
+    for p in model.predict(test_files, top_k=3):
+        stdout.print(p.source)
+        for label, prob in p.top:
+            stdout.print(f"  {label} {prob:.4f}")
+    stdout.print(f"\nNext: foldernet predict {result.run_dir} YOUR_IMAGE.png   |   "
+              f"foldernet evaluate {result.run_dir} OTHER_LABELLED_FOLDER")
+
+
+def main() -> None:
+    _setup_logging(os.environ.get("FOLDERNET_DEBUG") == "1")
+    try:
+        app()
+    except FoldernetError as exc:
+        console.print(Text("error: ", style="bold red") + Text(str(exc)))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

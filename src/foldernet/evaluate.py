@@ -1,0 +1,142 @@
+"""How good is it really: top-1/top-k, macro-F1, per-class precision/recall/F1, confusion matrix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FoldernetError
+
+
+def topk_accuracy(probs: np.ndarray, y: np.ndarray, k: int) -> float:
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1)[:, :k]
+    return float(np.mean(np.any(top == y[:, None], axis=1))) if len(y) else float("nan")
+
+
+def compute_metrics(probs: np.ndarray, y: np.ndarray, labels: list[str]) -> dict:
+    """Metrics of one labelled set as plain JSON-able values."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    if len(y) == 0:
+        return {"n": 0}
+    n_classes = len(labels)
+    pred = probs.argmax(axis=1)
+    idx = list(range(n_classes))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=idx, zero_division=0)
+    present = s > 0  # macro averages over classes that occur in this set
+    out = {
+        "n": int(len(y)),
+        "accuracy": float(np.mean(pred == y)),
+        "macro_f1": float(f1_score(y, pred, labels=[i for i in idx if present[i]], average="macro",
+                                   zero_division=0)),
+        "balanced_accuracy": float(np.mean(r[present])) if present.any() else float("nan"),
+        "per_class": {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                                  "support": int(s[i])} for i in idx},
+        "confusion_matrix": confusion_matrix(y, pred, labels=idx).tolist(),
+        "labels": list(labels),
+    }
+    for k in (3, 5):
+        if n_classes > k:
+            out[f"top{k}"] = topk_accuracy(probs, y, k)
+    eps = 1e-12
+    out["log_loss"] = float(-np.mean(np.log(probs[np.arange(len(y)), y] + eps)))
+    return out
+
+
+def most_confused(metrics: dict, n: int = 5) -> list[tuple[str, str, int]]:
+    cm = np.asarray(metrics["confusion_matrix"])
+    labels = metrics["labels"]
+    pairs = [(labels[i], labels[j], int(cm[i, j])) for i in range(len(labels)) for j in range(len(labels))
+             if i != j and cm[i, j] > 0]
+    return sorted(pairs, key=lambda t: -t[2])[:n]
+
+
+def plot_confusion_matrix(metrics: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """Counts and row-normalised side by side, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write_bytes
+
+    cm = np.asarray(metrics["confusion_matrix"], dtype=float)
+    labels = metrics["labels"]
+    n = len(labels)
+    size = max(5.0, 0.45 * n + 3)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    for ax, mat, name, fmt in ((axes[0], cm, "counts", "{:.0f}"), (axes[1], norm, "row-normalised (recall)", "{:.2f}")):
+        ax.imshow(mat, cmap="Blues", vmin=0)
+        ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(n), labels, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(name)
+        if n <= 25:
+            hi = mat.max() or 1
+            for i in range(n):
+                for j in range(n):
+                    if mat[i, j]:
+                        ax.text(j, i, fmt.format(mat[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if mat[i, j] > hi / 2 else "black")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def metrics_table(metrics: dict, title: str):
+    """A rich table: per-class precision/recall/F1/support, then the summary lines."""
+    from rich.table import Table
+
+    t = Table(title=title, show_lines=False)
+    for col in ("class", "precision", "recall", "f1", "support"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for label, m in metrics["per_class"].items():
+        if m["support"] or m["precision"]:
+            t.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    summary = f"accuracy {metrics['accuracy']:.4f}   macro-F1 {metrics['macro_f1']:.4f}"
+    for k in (3, 5):
+        if f"top{k}" in metrics:
+            summary += f"   top-{k} {metrics[f'top{k}']:.4f}"
+    t.caption = summary + f"   (n={metrics['n']})"
+    return t
+
+
+def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike | None = None,
+             progress: bool = True) -> dict:
+    """Evaluate a trained bundle on another labelled folder (e.g. a separate field test set).
+
+    Class folders are matched to the bundle's labels by name; unknown classes are an error.
+    Writes ``metrics.json`` and ``confusion_matrix.png`` into ``out`` when given.
+    """
+    from .bundle import load
+    from .data import scan
+    from .io import atomic_write_json
+
+    model = load(run)
+    ds = scan(data)
+    unknown = sorted(set(ds.classes) - set(model.labels))
+    if unknown:
+        raise FoldernetError(f"{data} has classes the model does not know: {', '.join(unknown)}. "
+                             f"Known: {', '.join(model.labels)}. Rename or remove those folders.")
+    index = {c: i for i, c in enumerate(model.labels)}
+    probs, ok, errors = model.predict_proba([it.path for it in ds.items], progress=progress)
+    y = np.array([index[it.label] for it in ds.items])
+    metrics = compute_metrics(probs[ok], y[ok], model.labels)
+    metrics["skipped"] = [(ds.items[i].relpath, r) for i, r in errors.items()] + list(ds.skipped)
+    if out is not None:
+        out = Path(out)
+        atomic_write_json(out / "metrics.json", metrics)
+        plot_confusion_matrix(metrics, out / "confusion_matrix.png", title=f"{Path(data).name}")
+    return metrics

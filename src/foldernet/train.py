@@ -1,0 +1,287 @@
+"""Train: scan -> split -> features from the frozen backbone (cached) -> linear head with early
+stopping on the validation split -> evaluate -> bundle. One call, one folder out."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.text import Text
+
+from .bundle import save_bundle
+from .data import Dataset, scan
+from .errors import FoldernetError
+from .evaluate import compute_metrics, plot_confusion_matrix
+from .features import FeatureExtractor, softmax
+from .io import atomic_write_json, atomic_write_text, staged_dir
+from .models import DEFAULT_BACKBONE, create_backbone, state_digest
+from .preprocess import Preprocess
+from .progress import console, progress_bar
+from .split import assign_splits, read_splits_csv, split_counts, write_splits_csv
+
+log = logging.getLogger("foldernet")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict
+    timings: dict
+    config: dict
+    skipped: list = field(default_factory=list)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+
+def imbalance_ratio(counts: dict[str, int]) -> float:
+    vals = [v for v in counts.values() if v > 0]
+    return max(vals) / min(vals) if vals else 1.0
+
+
+def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None,
+               n_classes: int, class_weights: np.ndarray | None = None, seed: int = 0, max_epochs: int = 200,
+               patience: int = 15, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 64,
+               progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """A linear softmax head with AdamW; keeps the epoch with the best validation loss.
+
+    Features are cheap once cached, so this runs in seconds even for thousands of images.
+    Returns (weight (C, D), bias (C,), history).
+    """
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    xt = torch.from_numpy(x_train)
+    yt = torch.from_numpy(y_train).long()
+    head = nn.Linear(xt.shape[1], n_classes)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    w = torch.from_numpy(class_weights).float() if class_weights is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=w)
+    have_val = x_val is not None and len(x_val) > 0
+    xv = torch.from_numpy(x_val) if have_val else None
+    yv = torch.from_numpy(y_val).long() if have_val else None
+    best = (float("inf"), None)
+    history: list[dict] = []
+    stale = 0
+    with progress_bar(max_epochs, "train head", progress) as bar:
+        for epoch in range(max_epochs):
+            head.train()
+            perm = torch.randperm(len(xt), generator=g)
+            total = 0.0
+            for i in range(0, len(xt), batch_size):
+                idx = perm[i:i + batch_size]
+                opt.zero_grad()
+                loss = loss_fn(head(xt[idx]), yt[idx])
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            row = {"epoch": epoch + 1, "train_loss": total / len(xt)}
+            with torch.no_grad():
+                head.eval()
+                row["train_acc"] = float((head(xt).argmax(1) == yt).float().mean())
+                if have_val:
+                    logits = head(xv)
+                    row["val_loss"] = float(nn.functional.cross_entropy(logits, yv))
+                    row["val_acc"] = float((logits.argmax(1) == yv).float().mean())
+            history.append(row)
+            score = row.get("val_loss", row["train_loss"])
+            if score < best[0] - 1e-5:
+                best = (score, {k: v.clone() for k, v in head.state_dict().items()})
+                stale = 0
+            else:
+                stale += 1
+            bar.advance(1)
+            bar.update(info=f"val_acc {row.get('val_acc', float('nan')):.3f}")
+            if have_val and stale >= patience:
+                bar.update(completed=max_epochs)
+                break
+    state = best[1] or head.state_dict()
+    return state["weight"].numpy().copy(), state["bias"].numpy().copy(), history
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017) on validation logits: one scalar, minimising NLL."""
+    from scipy.optimize import minimize_scalar
+
+    if len(y) < 2:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        p = softmax(logits / np.exp(log_t))
+        return float(-np.mean(np.log(p[np.arange(len(y)), y] + 1e-12)))
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def _class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    counts[counts == 0] = 1
+    w = len(y) / (n_classes * counts)
+    return (w / w.mean()).astype(np.float32)
+
+
+def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbone: str = DEFAULT_BACKBONE,
+          weights: str | os.PathLike | None = None, mode: str = "head", val: float = 0.15, test: float = 0.15,
+          seed: int = 0, balance: str = "auto", max_epochs: int = 200, patience: int = 15, lr: float = 1e-3,
+          force: bool = False, splits: str | os.PathLike | None = None, engine: str = "onnx",
+          use_cache: bool = True, progress: bool = True, label_regex: str | None = None,
+          group_regex: str | None = None) -> TrainResult:
+    """Train a classifier on ``data`` (class folders) and write a bundle to ``out/model``.
+
+    ``splits``: a ``splits.csv`` (path,label,split) to reuse; by default ``DATA/splits.csv`` is used
+    when present, else the folder's own train/val/test layout, else a stable hashed split.
+    """
+    if mode != "head":
+        raise FoldernetError(f"mode '{mode}' is not available yet; use --mode head")
+    if balance not in ("auto", "off", "weights", "sampler"):
+        raise FoldernetError(f"--balance must be auto, off, weights or sampler (got {balance!r})")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with staged_dir(out, force=force) as tmp:
+        ds = scan(data, label_regex=label_regex, group_regex=group_regex)
+        for w in ds.warnings:
+            console.print(Text("warning: ", style="yellow") + Text(w))
+        if len(ds.classes) < 2:
+            raise FoldernetError(f"{data}: need at least 2 classes with images, found {len(ds.classes)} "
+                                 f"({', '.join(ds.classes) or 'none'})")
+        _apply_splits(ds, splits, val, test, seed)
+        timings["scan"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        bb = create_backbone(backbone, weights=weights)
+        pre = Preprocess.from_timm(bb.data_config)
+        digest = state_digest(bb.model)
+        extractor = FeatureExtractor(bb.model, pre, digest, backbone, engine=engine, use_cache=use_cache)
+        timings["load_backbone"] = time.perf_counter() - t
+        feats = extractor([it.path for it in ds.items], desc="extract features", progress=progress)
+        timings["features"] = feats.seconds
+        skipped = list(ds.skipped) + [(ds.items[i].relpath, r) for i, r in sorted(feats.errors.items())]
+        for rel, reason in skipped:
+            console.print(Text("skipped ", style="yellow") + Text(f"{rel}: {reason}"))
+
+        labels = ds.classes
+        index = {c: i for i, c in enumerate(labels)}
+        y = np.array([index[it.label] for it in ds.items])
+        split = np.array([it.split for it in ds.items])
+        ok = feats.ok
+        sel = {s: ok & (split == s) for s in ("train", "val", "test")}
+        if sel["train"].sum() == 0:
+            raise FoldernetError("no readable training images after the split; add images to train/")
+        train_classes = set(y[sel["train"]].tolist())
+        missing = [labels[i] for i in range(len(labels)) if i not in train_classes]
+        if missing:
+            raise FoldernetError(f"classes with no training image: {', '.join(missing)}. Add images or remove them.")
+
+        counts_train = {labels[i]: int((y[sel['train']] == i).sum()) for i in range(len(labels))}
+        ratio = imbalance_ratio(counts_train)
+        use_weights = balance in ("weights", "sampler") or (balance == "auto" and ratio > 3)
+        cw = _class_weights(y[sel["train"]], len(labels)) if use_weights else None
+        if use_weights:
+            console.print(f"class imbalance ratio {ratio:.1f}: using class-weighted loss")
+
+        t = time.perf_counter()
+        xv, yv = (feats.vectors[sel["val"]], y[sel["val"]]) if sel["val"].any() else (None, None)
+        weight, bias, history = train_head(feats.vectors[sel["train"]], y[sel["train"]], xv, yv, len(labels),
+                                           class_weights=cw, seed=seed, max_epochs=max_epochs,
+                                           patience=patience, lr=lr, progress=progress)
+        temperature = 1.0
+        if xv is not None:
+            temperature = fit_temperature(xv @ weight.T + bias, yv)
+        timings["train_head"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        metrics: dict = {"splits": {}}
+        for s in ("val", "test"):
+            if sel[s].any():
+                logits = feats.vectors[sel[s]] @ weight.T + bias
+                metrics["splits"][s] = compute_metrics(softmax(logits / temperature), y[sel[s]], labels)
+        report_split = "test" if "test" in metrics["splits"] else "val" if "val" in metrics["splits"] else None
+        metrics["reported_split"] = report_split
+        metrics["history"] = history
+        metrics["skipped"] = skipped
+        if report_split:
+            plot_confusion_matrix(metrics["splits"][report_split], tmp / "confusion_matrix.png",
+                                  title=f"{Path(data).name}: {report_split} split")
+        timings["evaluate"] = time.perf_counter() - t
+
+        summary = {k: v for k, v in (metrics["splits"].get(report_split) or {}).items()
+                   if k in ("n", "accuracy", "macro_f1", "top3", "top5")}
+        config = {
+            "backbone": backbone,
+            "weights_source": bb.weights_source,
+            "mode": mode,
+            "labels": labels,
+            "num_features": int(bb.num_features),
+            "preprocess": pre.to_dict(),
+            "temperature": temperature,
+            "seed": seed,
+            "balance": {"setting": balance, "imbalance_ratio": ratio,
+                        "class_weights": cw.tolist() if cw is not None else None},
+            "data": {"root": Path(data).resolve().as_posix(), "predefined_split": ds.predefined_split,
+                     "counts": {s: v for s, v in split_counts([it for it, k in zip(ds.items, ok) if k],
+                                                               labels).items()},
+                     "skipped": len(skipped)},
+            "training": {"max_epochs": max_epochs, "epochs_run": len(history), "patience": patience, "lr": lr},
+            "engine": extractor.engine.name,
+            "metrics": {"split": report_split, **summary},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "platform": platform.platform(),
+        }
+        timings["total"] = time.perf_counter() - t0
+        metrics["timings"] = timings
+        save_bundle(tmp / "model", bb.model, weight, bias, config, metrics)
+        write_splits_csv(ds.items, tmp / "model" / "splits.csv")
+        _write_history(history, tmp / "history.csv")
+        if skipped:
+            _write_skipped(skipped, tmp / "skipped.csv")
+    return TrainResult(run_dir=Path(out), metrics=metrics, timings=timings, config=config, skipped=skipped)
+
+
+def _apply_splits(ds: Dataset, splits, val: float, test: float, seed: int) -> None:
+    path = Path(splits) if splits else (ds.root / "splits.csv")
+    if splits and not path.is_file():
+        raise FoldernetError(f"splits file not found: {path}")
+    if path.is_file():
+        given = read_splits_csv(path)
+        missing = [it for it in ds.items if it.relpath not in given]
+        for it in ds.items:
+            if it.relpath in given:
+                it.split = given[it.relpath]
+        if missing:  # new files since the split was written: hash them in, old files stay put
+            from .split import _hash_split
+
+            _hash_split(missing, val, test, seed)
+        bad = {it.split for it in ds.items} - {"train", "val", "test"}
+        if bad:
+            raise FoldernetError(f"{path}: unknown split names {sorted(bad)}; use train, val or test")
+        console.print(f"using splits from {path}", markup=False)
+    else:
+        assign_splits(ds, val=val, test=test, seed=seed)
+
+
+def _write_history(history: list[dict], path: Path) -> None:
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _write_skipped(skipped: list, path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "reason"])
+    w.writerows(skipped)
+    atomic_write_text(path, buf.getvalue())
