@@ -20,9 +20,8 @@ import numpy as np
 
 from . import __version__
 from .errors import FoldernetError
-from .features import FeatureExtractor, softmax
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from .preprocess import Preprocess
+from .preprocess import Preprocess, softmax
 
 BUNDLE_FORMAT = 1
 
@@ -74,7 +73,37 @@ class Prediction:
         return self.top[0][1] if self.top else None
 
 
-class Classifier:
+class Predictor:
+    """The API every predictor shares (torch bundle, ONNX file, server): subclasses give
+    ``labels`` and ``predict_proba(sources) -> (probs, ok, errors)``."""
+
+    labels: list[str]
+
+    def predict_proba(self, sources: Sequence, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+        raise NotImplementedError
+
+    def predict(self, inputs: str | os.PathLike | bytes | Iterable, top_k: int = 5, batch_size: int = 256,
+                progress: bool = False) -> list[Prediction]:
+        return list(self.iter_predict(inputs, top_k=top_k, batch_size=batch_size, progress=progress))
+
+    def iter_predict(self, inputs, top_k: int = 5, batch_size: int = 256, progress: bool = False
+                     ) -> Iterator[Prediction]:
+        """Stream predictions chunk by chunk, so a folder of 10,000 images never sits in memory."""
+        sources = expand_inputs(inputs)
+        k = max(1, min(top_k, len(self.labels)))
+        for start in range(0, len(sources), batch_size):
+            chunk = sources[start:start + batch_size]
+            probs, ok, errors = self.predict_proba(chunk, progress=progress and len(sources) > batch_size)
+            for i, src in enumerate(chunk):
+                name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
+                if not ok[i]:
+                    yield Prediction(name, [], errors.get(i, "unreadable"))
+                    continue
+                order = np.argsort(-probs[i])[:k]
+                yield Prediction(name, [(self.labels[j], float(probs[i, j])) for j in order])
+
+
+class Classifier(Predictor):
     """A loaded bundle: ``predict`` files, folders or bytes; ``predict_proba`` for arrays."""
 
     def __init__(self, model_dir: Path, engine: str = "onnx", use_cache: bool = True):
@@ -103,12 +132,14 @@ class Classifier:
         self.temperature = float(self.config.get("temperature", 1.0))
         self._engine_pref = engine
         self._use_cache = use_cache
-        self._extractor: FeatureExtractor | None = None
+        self._extractor = None
         self._digest = state_digest(self.backbone)
 
     @property
-    def extractor(self) -> FeatureExtractor:
+    def extractor(self):
         if self._extractor is None:
+            from .features import FeatureExtractor
+
             self._extractor = FeatureExtractor(self.backbone, self.preprocess, self._digest, self.config["backbone"],
                                                engine=self._engine_pref, use_cache=self._use_cache)
         return self._extractor
@@ -120,26 +151,6 @@ class Classifier:
         """(probs (N, C), ok mask, {index: reason}) for paths or bytes."""
         f = self.extractor(list(sources), desc="predict", progress=progress)
         return self.proba_from_features(f.vectors), f.ok, f.errors
-
-    def predict(self, inputs: str | os.PathLike | bytes | Iterable, top_k: int = 5, batch_size: int = 256,
-                progress: bool = False) -> list[Prediction]:
-        return list(self.iter_predict(inputs, top_k=top_k, batch_size=batch_size, progress=progress))
-
-    def iter_predict(self, inputs, top_k: int = 5, batch_size: int = 256, progress: bool = False
-                     ) -> Iterator[Prediction]:
-        """Stream predictions chunk by chunk, so a folder of 10,000 images never sits in memory."""
-        sources = expand_inputs(inputs)
-        k = max(1, min(top_k, len(self.labels)))
-        for start in range(0, len(sources), batch_size):
-            chunk = sources[start:start + batch_size]
-            probs, ok, errors = self.predict_proba(chunk, progress=progress and len(sources) > batch_size)
-            for i, src in enumerate(chunk):
-                name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
-                if not ok[i]:
-                    yield Prediction(name, [], errors.get(i, "unreadable"))
-                    continue
-                order = np.argsort(-probs[i])[:k]
-                yield Prediction(name, [(self.labels[j], float(probs[i, j])) for j in order])
 
 
 def expand_inputs(inputs) -> list:

@@ -186,6 +186,46 @@ def demo(
               f"foldernet evaluate {result.run_dir} OTHER_LABELLED_FOLDER")
 
 
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx"),
+    int8: bool = typer.Option(False, "--int8", help="also try static int8 quantisation (kept only if it earns it)"),
+    prefer_size: bool = typer.Option(False, "--prefer-size", help="keep int8 when it agrees but is not faster"),
+    data: Optional[Path] = typer.Option(None, help="the training data folder, if it moved since training"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="export folder (default RUN/export)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing export"),
+) -> None:
+    """Export to one ONNX file, checked against the PyTorch model on the held-out split."""
+    from .export import export as _export
+
+    if fmt != "onnx":
+        raise FoldernetError(f"--format {fmt} is not supported; use onnx")
+    report = _export(run, out=out, int8=int8, prefer_size=prefer_size, data=data, force=force)
+    fp = report["fp32"]
+    stdout.print(f"fp32: {fp['path']} ({fp['size_mb']} MB), top-1 agreement {fp['top1_agreement']:.4f} on "
+                 f"{report['n']} held-out images, max probability difference {fp['max_prob_diff']:.2e}")
+    if "int8" in report:
+        q = report["int8"]
+        stdout.print(f"int8: agreement {q['top1_agreement']:.4f}, {q['img_per_s']} vs fp32 {q['fp32_img_per_s']} img/s, "
+                     f"{q['size_mb']} vs {q['fp32_size_mb']} MB: {q['reason']}")
+
+
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)"),
+    port: int = typer.Option(8000),
+    max_upload_mb: float = typer.Option(10.0, help="largest accepted upload"),
+) -> None:
+    """Web page with upload and a confidence bar chart, plus a JSON API (/predict, /health, /labels, /docs)."""
+    from .serve import Limits
+    from .serve import serve as _serve
+
+    stdout.print(f"serving {run} on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
+    _serve(run, host=host, port=port, limits=Limits(max_bytes=int(max_upload_mb * 1024 * 1024)))
+
+
 def main() -> None:
     _setup_logging(os.environ.get("FOLDERNET_DEBUG") == "1")
     try:

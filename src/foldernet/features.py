@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .data import open_image
-from .preprocess import Preprocess
+from .preprocess import Preprocess, softmax  # noqa: F401 - softmax re-exported
 from .progress import progress_bar
 
 log = logging.getLogger("foldernet")
@@ -82,7 +82,8 @@ class OnnxEngine:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
-def export_onnx(model, size: int, path: str | os.PathLike, dynamic_batch: bool = True) -> Path:
+def export_onnx(model, size: int, path: str | os.PathLike, dynamic_batch: bool = True,
+                output_names: Sequence[str] = ("output",)) -> Path:
     """Export with torch's dynamo exporter at a static image size: its optimiser folds the constant
     Pad ops of TF-style 'same' padding into Conv pads. Written atomically."""
     import torch
@@ -98,8 +99,9 @@ def export_onnx(model, size: int, path: str | os.PathLike, dynamic_batch: bool =
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             torch.onnx.export(model.eval(), (example,), tmp, dynamo=True, input_names=["input"],
-                              output_names=["output"], dynamic_shapes=shapes, external_data=False,
+                              output_names=list(output_names), dynamic_shapes=shapes, external_data=False,
                               verbose=False)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -285,10 +287,4 @@ class FeatureExtractor:
 def batched(xs: Sequence, size: int) -> Iterable[Sequence]:
     for i in range(0, len(xs), size):
         yield xs[i:i + size]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 

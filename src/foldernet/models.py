@@ -14,9 +14,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used, so `import foldernet` stays light
+    import torch
+    from torch import nn
 
 from .errors import FoldernetError
 
@@ -80,6 +82,8 @@ def _embedded_weight_file(name: str) -> Path | None:
 
 def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read weights without unpickling arbitrary objects: safetensors, or torch.load(weights_only=True)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FoldernetError(f"weights file not found: {path}")

@@ -1,0 +1,81 @@
+"""Predict from an exported ``model.onnx`` with only onnxruntime, NumPy and Pillow (no torch).
+
+Labels, preprocessing and the "not sure" threshold travel in the ONNX file's metadata, and the
+pixels are computed by the same Pillow/NumPy code as training, so answers match the bundle's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .bundle import Predictor
+from .data import open_image
+from .errors import FoldernetError
+from .preprocess import Preprocess
+
+
+class OnnxClassifier(Predictor):
+    """Same API as :class:`foldernet.bundle.Classifier`, backed by one ONNX file."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, batch_size: int = 32):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if path.is_dir():
+            cands = [path / "export" / "model.onnx", path / "model.onnx"]
+            path = next((c for c in cands if c.is_file()), cands[0])
+        if not path.is_file():
+            raise FoldernetError(f"no ONNX model at {path}: run `foldernet export RUN` first")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "foldernet" not in meta:
+            raise FoldernetError(f"{path} has no foldernet metadata (labels, preprocessing); export it with "
+                                 "`foldernet export`")
+        info = json.loads(meta["foldernet"])
+        self.path = path
+        self.labels: list[str] = info["labels"]
+        self.preprocess = Preprocess.from_dict(info["preprocess"])
+        self.threshold = info.get("threshold")
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.batch_size = batch_size
+
+    def pixels(self, source) -> np.ndarray:
+        return self.preprocess(open_image(source, draft_size=self.preprocess.resize_size))
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        return dict(zip(self.output_names, outs))
+
+    def predict_proba(self, sources: Sequence, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+        def load(src):
+            try:
+                return self.pixels(src), None
+            except Exception as exc:  # noqa: BLE001 - a bad input is reported, never fatal
+                return None, f"cannot decode image ({type(exc).__name__}: {str(exc)[:120]})"
+
+        n = len(sources)
+        probs = np.zeros((n, len(self.labels)), np.float32)
+        ok = np.zeros(n, bool)
+        errors: dict[int, str] = {}
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            loaded = list(pool.map(load, sources))
+        good = [i for i, (pix, err) in enumerate(loaded) if pix is not None]
+        for i, (_, err) in enumerate(loaded):
+            if err:
+                errors[i] = err
+        for start in range(0, len(good), self.batch_size):
+            idx = good[start:start + self.batch_size]
+            probs[idx] = self.run(np.stack([loaded[i][0] for i in idx]))["probabilities"]
+            ok[idx] = True
+        return probs, ok, errors

@@ -1,0 +1,339 @@
+"""``foldernet serve RUN``: a web page (upload, camera, confidence bar chart, dataset explorer) and a
+JSON API (``POST /predict``, ``GET /health``, ``GET /labels``, ``GET /info``, OpenAPI at ``/docs``).
+
+Uploads are capped in bytes and pixels, their type is sniffed from content (never the extension or
+the name), nothing is written to disk, and every error is JSON with a plain message. Concurrent
+requests are micro-batched: decoding runs in parallel threads, the model runs one batch at a time.
+"""
+
+
+import asyncio
+import csv
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .bundle import find_model_dir
+from .data import open_image
+
+ALLOWED_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO"}
+
+
+@dataclass
+class Limits:
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_batch: int = 32
+    max_wait_ms: float = 4.0
+
+
+class UploadError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def sniff_and_decode(data: bytes, limits: Limits, pixels_fn) -> np.ndarray:
+    """Check what the bytes really are before decoding them fully; raise UploadError with a reason."""
+    if not data:
+        raise UploadError(400, "the upload is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt, (w, h) = img.format, img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UploadError(413, f"image has too many pixels (limit {limits.max_pixels:,})") from None
+    except Exception:  # noqa: BLE001 - whatever it is, it is not an image we read
+        raise UploadError(415, "the upload is not an image (JPEG, PNG, GIF, BMP, WebP or TIFF)") from None
+    if fmt not in ALLOWED_FORMATS:
+        raise UploadError(415, f"image format {fmt} is not accepted; send JPEG, PNG, GIF, BMP, WebP or TIFF")
+    if w * h > limits.max_pixels:
+        raise UploadError(413, f"image is {w}x{h} = {w * h:,} pixels; the limit is {limits.max_pixels:,}")
+    try:
+        return pixels_fn(data)
+    except Exception as exc:  # noqa: BLE001
+        raise UploadError(422, f"the image could not be decoded ({type(exc).__name__}); it may be truncated") from None
+
+
+class ServedModel:
+    """Whatever the run has, behind one ``pixels`` + ``run`` pair: the exported ONNX file when
+    present (no torch in the request path), else the bundle."""
+
+    def __init__(self, run: str | os.PathLike):
+        self.model_dir = find_model_dir(run)
+        onnx_path = self.model_dir.parent / "export" / "model.onnx"
+        self.config = json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
+        if onnx_path.is_file():
+            from .onnx_predictor import OnnxClassifier
+
+            clf = OnnxClassifier(onnx_path)
+            self.backend = "onnx export"
+            self.pixels = clf.pixels
+            self._run = lambda batch: clf.run(batch)["probabilities"]
+        else:
+            from .bundle import load
+
+            clf = load(self.model_dir)
+            self.backend = f"bundle ({clf.extractor.engine.name})"
+            self.pixels = clf.extractor.pixels
+            self._run = lambda batch: clf.proba_from_features(clf.extractor.engine(batch))
+        self.labels: list[str] = list(self.config["labels"])
+        self.threshold = self.config.get("threshold")
+        metrics_path = self.model_dir / "metrics.json"
+        self.metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
+        self.examples = self._examples()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch)
+
+    def _examples(self) -> dict[str, list[int]]:
+        """Training image indices per class for the dataset explorer (files addressed by index only)."""
+        self.files: list[Path] = []
+        out: dict[str, list[int]] = {c: [] for c in self.labels}
+        root = Path(self.config.get("data", {}).get("root", ""))
+        splits = self.model_dir / "splits.csv"
+        if not splits.exists() or not root.is_dir():
+            return out
+        with open(splits, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row["split"] == "train" and row["label"] in out and len(out[row["label"]]) < 8:
+                    out[row["label"]].append(len(self.files))
+                    self.files.append(root / row["path"])
+        return out
+
+
+class MicroBatcher:
+    """Collects concurrent requests for up to ``max_wait_ms`` (or ``max_batch`` items) and runs
+    them through the model as one batch, in one worker thread."""
+
+    def __init__(self, fn, max_batch: int, max_wait_ms: float):
+        self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, pixels: np.ndarray) -> np.ndarray:
+        if self.queue is None:
+            self.queue = asyncio.Queue()
+            self.task = asyncio.create_task(self._loop())
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((pixels, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                out = await asyncio.to_thread(self.fn, np.stack([p for p, _ in items]))
+                for (_, fut), row in zip(items, out):
+                    if not fut.done():
+                        fut.set_result(row)
+            except Exception as exc:  # noqa: BLE001 - hand the error to every waiting request
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            self.batches += 1
+            self.items += len(items)
+
+
+def create_app(run: str | os.PathLike, limits: Limits | None = None):
+    from fastapi import FastAPI, File, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    limits = limits or Limits()
+    model = ServedModel(run)
+    batcher = MicroBatcher(model.run, limits.max_batch, limits.max_wait_ms)
+    app = FastAPI(title="foldernet", version=model.config.get("foldernet_version", ""),
+                  description=f"Image classifier: {', '.join(model.labels[:20])}")
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(_: Request, exc: UploadError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        fields = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', []))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"error": f"bad request: {fields}"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return HTMLResponse(PAGE)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "backend": model.backend, "classes": len(model.labels),
+                "batches": batcher.batches, "predictions": batcher.items}
+
+    @app.get("/labels")
+    async def labels():
+        return {"labels": model.labels}
+
+    @app.get("/info")
+    async def info():
+        split = model.metrics.get("reported_split")
+        m = model.metrics.get("splits", {}).get(split, {}) if split else {}
+        counts = model.config.get("data", {}).get("counts", {})
+        classes = []
+        for c in model.labels:
+            pc = m.get("per_class", {}).get(c, {})
+            classes.append({"label": c, "train": counts.get("train", {}).get(c), "val": counts.get("val", {}).get(c),
+                            "test": counts.get("test", {}).get(c), "precision": pc.get("precision"),
+                            "recall": pc.get("recall"), "f1": pc.get("f1"),
+                            "examples": [f"/example/{i}" for i in model.examples.get(c, [])]})
+        return {"backbone": model.config.get("backbone"), "mode": model.config.get("mode"),
+                "backend": model.backend, "metrics": model.config.get("metrics", {}), "classes": classes,
+                "threshold": model.threshold}
+
+    @app.get("/example/{index}", include_in_schema=False)
+    async def example(index: int):
+        if not 0 <= index < len(model.files):
+            return JSONResponse({"error": "no such example"}, status_code=404)
+        img = await asyncio.to_thread(_thumbnail, model.files[index])
+        if img is None:
+            return JSONResponse({"error": "example unavailable"}, status_code=404)
+        return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/predict")
+    async def predict(file: UploadFile = File(..., description="an image"),
+                      top_k: int = Query(5, ge=1, le=100)):
+        data = await file.read(limits.max_bytes + 1)
+        if len(data) > limits.max_bytes:
+            raise UploadError(413, f"upload is larger than {limits.max_bytes // (1024 * 1024)} MB")
+        pixels = await asyncio.to_thread(sniff_and_decode, data, limits, model.pixels)
+        probs = await batcher.submit(pixels)
+        order = np.argsort(-probs)[:min(top_k, len(model.labels))]
+        top = [{"label": model.labels[i], "probability": round(float(probs[i]), 6)} for i in order]
+        best = top[0]["probability"]
+        not_sure = model.threshold is not None and best < float(model.threshold)
+        return {"label": top[0]["label"], "confidence": best, "not_sure": not_sure, "top": top}
+
+    return app
+
+
+def _thumbnail(path: Path, size: int = 128) -> bytes | None:
+    try:
+        img = open_image(path, draft_size=size)
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=80)
+        return buf.getvalue()
+    except Exception:  # noqa: BLE001 - a missing example is not an error for the page
+        return None
+
+
+def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:
+    import uvicorn
+
+    app = create_app(run, limits)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>foldernet</title>
+<style>
+ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
+ header{background:#1d3557;color:#fff;padding:12px 20px} header h1{margin:0;font-size:20px}
+ main{max-width:980px;margin:0 auto;padding:16px;display:grid;gap:16px}
+ .card{background:#fff;border-radius:10px;padding:16px;box-shadow:0 1px 3px rgba(0,0,0,.08)}
+ #drop{border:2px dashed #8aa1c1;border-radius:10px;padding:28px;text-align:center;cursor:pointer}
+ #drop.over{background:#eef4ff} .row{display:flex;gap:16px;flex-wrap:wrap;align-items:flex-start}
+ #preview{width:220px;max-height:300px;object-fit:contain;border-radius:8px;display:none;background:#eee}
+ #chart{flex:1;min-width:260px} .bar{display:flex;align-items:center;gap:8px;margin:6px 0}
+ .bar .name{width:140px;text-align:right;font-size:14px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+ .bar .track{flex:1;background:#e8ecf1;border-radius:4px;height:20px}
+ .bar .fill{background:#457b9d;height:20px;border-radius:4px} .bar.top .fill{background:#e63946}
+ .bar .val{width:58px;font-variant-numeric:tabular-nums;font-size:13px}
+ #verdict{font-size:18px;margin:4px 0 8px} .unsure{color:#b5651d;font-weight:600}
+ #error{color:#b00020} table{border-collapse:collapse;width:100%;font-size:14px}
+ th,td{padding:4px 6px;border-bottom:1px solid #eee;text-align:left} td.num{text-align:right}
+ .thumbs img{width:48px;height:48px;object-fit:cover;border-radius:4px;margin-right:3px}
+ button,label.btn{background:#1d3557;color:#fff;border:0;border-radius:6px;padding:8px 12px;cursor:pointer;font-size:14px}
+</style></head>
+<body><header><h1>foldernet classifier</h1><div id="meta"></div></header>
+<main>
+ <section class="card">
+  <div id="drop" tabindex="0">Drop an image here, or
+   <label class="btn" for="file">choose a file</label>
+   <label class="btn" for="camera">take a photo</label>
+   <input id="file" type="file" accept="image/*" hidden>
+   <input id="camera" type="file" accept="image/*" capture="environment" hidden>
+  </div>
+  <div id="error" role="alert"></div>
+  <div class="row" id="result">
+   <img id="preview" alt="uploaded image">
+   <div id="chart" aria-live="polite"></div>
+  </div>
+ </section>
+ <section class="card"><h2>Dataset</h2><div id="explorer">loading...</div></section>
+</main>
+<script>
+const $ = (id) => document.getElementById(id);
+function esc(s){return String(s).replace(/[&<>"']/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}
+function pct(x){return x==null?'':(100*x).toFixed(1)+'%';}
+async function send(file){
+  if(!file) return;
+  $('error').textContent=''; $('chart').innerHTML='classifying...';
+  const url = URL.createObjectURL(file); const img=$('preview'); img.src=url; img.style.display='block';
+  const body = new FormData(); body.append('file', file);
+  try{
+    const r = await fetch('/predict?top_k=5', {method:'POST', body});
+    const j = await r.json();
+    if(!r.ok){ $('chart').innerHTML=''; $('error').textContent=j.error||('error '+r.status); return; }
+    let html = '<div id="verdict">' + (j.not_sure ? '<span class="unsure">not sure</span> — best guess: ' : '')
+      + '<b>' + esc(j.label) + '</b> ' + pct(j.confidence) + '</div>';
+    for(const [i,t] of j.top.entries()){
+      html += '<div class="bar'+(i===0?' top':'')+'"><span class="name" title="'+esc(t.label)+'">'+esc(t.label)+'</span>'
+        + '<span class="track"><span class="fill" style="display:block;width:'+(100*t.probability).toFixed(1)+'%"></span></span>'
+        + '<span class="val">'+pct(t.probability)+'</span></div>';
+    }
+    $('chart').innerHTML = html;
+  }catch(e){ $('chart').innerHTML=''; $('error').textContent='request failed: '+e; }
+}
+$('file').addEventListener('change', e=>send(e.target.files[0]));
+$('camera').addEventListener('change', e=>send(e.target.files[0]));
+const drop=$('drop');
+drop.addEventListener('dragover', e=>{e.preventDefault(); drop.classList.add('over');});
+drop.addEventListener('dragleave', ()=>drop.classList.remove('over'));
+drop.addEventListener('drop', e=>{e.preventDefault(); drop.classList.remove('over'); send(e.dataTransfer.files[0]);});
+fetch('/info').then(r=>r.json()).then(info=>{
+  const m = info.metrics||{};
+  $('meta').textContent = info.backbone + ' · ' + info.backend + (m.accuracy!=null ? ' · '+m.split+' accuracy '+pct(m.accuracy) : '');
+  let h = '<table><tr><th>class</th><th>train</th><th>val</th><th>test</th><th>precision</th><th>recall</th><th>F1</th><th>examples</th></tr>';
+  for(const c of info.classes){
+    h += '<tr><td>'+esc(c.label)+'</td><td class="num">'+(c.train??'')+'</td><td class="num">'+(c.val??'')+'</td><td class="num">'+(c.test??'')
+      + '</td><td class="num">'+pct(c.precision)+'</td><td class="num">'+pct(c.recall)+'</td><td class="num">'+pct(c.f1)+'</td><td class="thumbs">'
+      + c.examples.slice(0,6).map(u=>'<img loading="lazy" alt="" src="'+u+'">').join('') + '</td></tr>';
+  }
+  $('explorer').innerHTML = h + '</table>';
+}).catch(()=>{$('explorer').textContent='dataset information unavailable';});
+</script></body></html>
+"""
