@@ -69,3 +69,14 @@ def test_offline_without_weights_says_how_to_provide_them(tmp_path, digits_dir):
 def test_unknown_backbone_name():
     with pytest.raises(FoldernetError, match="unknown backbone"):
         create_backbone("no_such_net_xyz")
+
+
+def test_preprocessing_matches_timm_eval_transform(sample_photos):
+    import timm
+
+    bb = create_backbone()
+    pre = Preprocess.from_timm(bb.data_config)
+    tf = timm.data.create_transform(**bb.data_config)
+    for path in sample_photos.values():
+        img = Image.open(path).convert("RGB")
+        np.testing.assert_allclose(pre(img), tf(img).numpy(), atol=1e-5)
