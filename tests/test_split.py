@@ -42,7 +42,7 @@ def test_groups_stay_on_one_side(tmp_path):
         for video in range(12):
             for frame in range(5):
                 Image.new("RGB", (4, 4)).save(tmp_path / c / f"vid{video}_f{frame}.png")
-    ds = split_dataset(tmp_path, group_regex=r"(vid\d+)_", out=tmp_path / "s.csv")
+    ds = split_dataset(tmp_path, group_by=r"regex:(vid\d+)_", out=tmp_path / "s.csv")
     sides = {}
     for it in ds.items:
         sides.setdefault((it.label, it.group), set()).add(it.split)

@@ -62,7 +62,10 @@ def train(
     epochs: int = typer.Option(200, help="maximum epochs (early stopping on validation)"),
     splits: Optional[Path] = typer.Option(None, help="splits.csv to reuse (default: DATA/splits.csv if present)"),
     label_regex: Optional[str] = typer.Option(None, help="label from a regex group on the relative path"),
-    group_regex: Optional[str] = typer.Option(None, help="group key from a regex group (kept on one side)"),
+    group_by: Optional[str] = typer.Option(None, help="near-duplicates | regex:PATTERN | csv:FILE (kept on one side)"),
+    group_regex: Optional[str] = typer.Option(None, help="shorthand for --group-by regex:PATTERN"),
+    allow_leakage: bool = typer.Option(False, "--allow-leakage", help="train even if val/test duplicate train images"),
+    keep_placeholders: bool = typer.Option(False, "--keep-placeholders", help="train on flat placeholder-like images"),
     no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the feature cache"),
     engine: str = typer.Option("onnx", help="onnx (fast CPU path) or torch"),
     force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
@@ -72,7 +75,9 @@ def train(
 
     result = _train(data, out, backbone=backbone, weights=weights, mode=mode, val=val, test=test, seed=seed,
                     balance=balance, max_epochs=epochs, force=force, splits=splits, engine=engine,
-                    use_cache=not no_cache, label_regex=label_regex, group_regex=group_regex)
+                    use_cache=not no_cache, label_regex=label_regex,
+                    group_by=group_by or (f"regex:{group_regex}" if group_regex else None),
+                    allow_leakage=allow_leakage, keep_placeholders=keep_placeholders)
     _print_train_result(result)
 
 
@@ -139,17 +144,67 @@ def split(
     data: Path = typer.Argument(..., help="DATA/<class>/<images>"),
     val: float = typer.Option(0.15), test: float = typer.Option(0.15), seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="where to write splits.csv (default DATA/splits.csv)"),
-    label_regex: Optional[str] = typer.Option(None), group_regex: Optional[str] = typer.Option(None),
+    group_by: Optional[str] = typer.Option(None, help="near-duplicates | regex:PATTERN | csv:FILE"),
+    group_regex: Optional[str] = typer.Option(None, help="shorthand for --group-by regex:PATTERN"),
+    label_regex: Optional[str] = typer.Option(None, help="label from a regex group on the relative path"),
 ) -> None:
-    """Write a stratified, seeded, stable splits.csv that `train` then uses."""
+    """Write a stratified, seeded, stable, grouped splits.csv that `train` then uses."""
     from .split import split_counts, split_dataset
 
     ds = split_dataset(data, val=val, test=test, seed=seed, out=out, label_regex=label_regex,
-                       group_regex=group_regex)
+                       group_by=group_by or (f"regex:{group_regex}" if group_regex else None))
     counts = split_counts(ds.items, ds.classes)
     for s, c in counts.items():
         stdout.print(f"{s:5s} {sum(c.values()):6d}  " + "  ".join(f"{k}:{v}" for k, v in c.items()))
     stdout.print(f"wrote {out or Path(data) / 'splits.csv'}")
+
+
+@app.command()
+def audit(
+    data: Path = typer.Argument(..., help="DATA/<class>/<images> (or with train/val/test folders)"),
+    out: Path = typer.Option(Path("audit"), "--out", "-o", help="folder for audit.json and audit.html"),
+    fix: bool = typer.Option(False, "--fix", help="move flagged files to DATA.quarantine (restorable)"),
+    fix_kinds: str = typer.Option(",".join(("unreadable", "wrong_type", "tiny", "low_information", "exact_duplicate",
+                                            "leakage")), help="which findings --fix moves"),
+    splits: Optional[Path] = typer.Option(None, help="splits.csv to check for leakage (default DATA/splits.csv)"),
+    no_label_issues: bool = typer.Option(False, "--no-label-issues", help="skip the label-error search"),
+    label_regex: Optional[str] = typer.Option(None, help="label from a regex group on the relative path"),
+    force: bool = typer.Option(False, "--force", help="replace an existing audit folder"),
+) -> None:
+    """Find unreadable, tiny, placeholder, duplicate, leaked and likely mislabelled files."""
+    from rich.table import Table
+
+    from .audit import TITLES, audit as _audit, files_to_fix, quarantine
+
+    report = _audit(data, out=out, splits=splits, find_label_errors=not no_label_issues, force=force,
+                    label_regex=label_regex)
+    t = Table(title=f"audit of {data}: {report['images']} images, {len(report['classes'])} classes, "
+                    f"imbalance ratio {report['imbalance_ratio']:.2f}")
+    t.add_column("finding")
+    t.add_column("count", justify="right")
+    t.add_column("examples")
+    for kind, entries in report["findings"].items():
+        ex = "; ".join(e.get("path") or " = ".join(e["paths"][:2]) for e in entries[:2])
+        t.add_row(TITLES.get(kind, kind), str(len(entries)), ex)
+    if not report["findings"]:
+        t.add_row("nothing found", "0", "")
+    stdout.print(t)
+    stdout.print(f"report: {out / 'audit.html'}  data: {out / 'audit.json'}")
+    if fix:
+        moves = files_to_fix(report, tuple(k.strip() for k in fix_kinds.split(",") if k.strip()))
+        if not moves:
+            stdout.print("--fix: nothing to move")
+            return
+        manifest = quarantine(data, moves)
+        stdout.print(f"--fix: moved {len(moves)} file(s) out of {data}; undo with: foldernet restore {manifest}")
+
+
+@app.command()
+def restore(manifest: Path = typer.Argument(..., help="a quarantine manifest.json (or its folder)")) -> None:
+    """Put files that `audit --fix` quarantined back where they were."""
+    from .audit import restore as _restore
+
+    stdout.print(f"restored {_restore(manifest)} file(s)")
 
 
 @app.command()

@@ -52,6 +52,7 @@ class Dataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     warnings: list[str] = field(default_factory=list)
     predefined_split: bool = False
+    splits_source: str | None = None  # a splits.csv the split came from, if any
 
     def counts(self) -> dict[str, int]:
         out = {c: 0 for c in self.classes}

@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .data import open_image
+from .fingerprint import fingerprint
 from .preprocess import Preprocess, softmax  # noqa: F401 - softmax re-exported
 from .progress import progress_bar
 
@@ -141,6 +142,7 @@ class FeatureCache:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS features (model_key TEXT, content_hash TEXT, vec BLOB, "
                         "PRIMARY KEY (model_key, content_hash))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS fingerprints (content_hash TEXT PRIMARY KEY, fp TEXT)")
         self.lock = threading.Lock()
 
     def keys(self, model_key: str) -> set[str]:
@@ -165,6 +167,22 @@ class FeatureCache:
             self.db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?)",
                                 [(model_key, h, np.asarray(v, np.float32).tobytes()) for h, v in pairs])
 
+    def get_fingerprints(self, hashes: Sequence[str]) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        with self.lock:
+            for i in range(0, len(hashes), 500):
+                chunk = list(hashes[i:i + 500])
+                q = ",".join("?" * len(chunk))
+                for h, fp in self.db.execute(f"SELECT content_hash, fp FROM fingerprints WHERE content_hash IN ({q})",
+                                             chunk):
+                    out[h] = json.loads(fp)
+        return out
+
+    def put_fingerprints(self, pairs: Iterable[tuple[str, dict]]) -> None:
+        with self.lock, self.db:
+            self.db.executemany("INSERT OR REPLACE INTO fingerprints VALUES (?, ?)",
+                                [(h, json.dumps(fp)) for h, fp in pairs])
+
     def close(self) -> None:
         self.db.close()
 
@@ -177,6 +195,7 @@ class Features:
     ok: np.ndarray                 # (N,) bool
     errors: dict[int, str] = field(default_factory=dict)   # index -> reason
     hashes: list[str | None] = field(default_factory=list)
+    fingerprints: list[dict | None] = field(default_factory=list)
     n_cached: int = 0
     n_computed: int = 0
     seconds: float = 0.0
@@ -191,7 +210,7 @@ class FeatureExtractor:
         self.preprocess = preprocess
         self.digest = digest
         self.model_key = hashlib.blake2b(
-            json.dumps([backbone_name, digest, preprocess.to_dict(), "draft-v1"]).encode(), digest_size=12
+            json.dumps([backbone_name, digest, preprocess.to_dict(), "v2"]).encode(), digest_size=12
         ).hexdigest()
         self.engine = make_engine(model, preprocess.size, digest, prefer=engine)
         self.cache = FeatureCache() if use_cache else None
@@ -200,33 +219,37 @@ class FeatureExtractor:
         self.dim: int | None = None
 
     def pixels(self, source: str | os.PathLike | bytes) -> np.ndarray:
+        """Preprocessed pixels of one input, exactly as extraction computes them."""
         return self.preprocess(open_image(source, draft_size=self.preprocess.resize_size))
 
-    def _load(self, source, known: set[str]) -> tuple[str | None, np.ndarray | None, str | None]:
-        """Read, hash, and (unless cached) decode one input: (hash, pixels or None, error or None)."""
+    def _load(self, source, known: set[str]) -> tuple[str | None, np.ndarray | None, dict | None, str | None]:
+        """Read, hash, and (unless cached) decode one input: (hash, pixels, fingerprint, error)."""
         try:
             data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
         except OSError as exc:
-            return None, None, f"cannot read file: {exc.strerror or exc}"
+            return None, None, None, f"cannot read file: {exc.strerror or exc}"
         if not data:
-            return None, None, "empty file (0 bytes)"
+            return None, None, None, "empty file (0 bytes)"
         h = content_hash(data)
         if h in known:
-            return h, None, None
+            return h, None, None, None
         try:
-            return h, self.pixels(data), None
+            img = open_image(data, draft_size=self.preprocess.resize_size)
+            return h, self.preprocess(img), fingerprint(img), None
         except Exception as exc:  # noqa: BLE001 - a bad file is reported, never fatal
-            return h, None, f"cannot decode image ({type(exc).__name__}: {str(exc)[:120]})"
+            return h, None, None, f"cannot decode image ({type(exc).__name__}: {str(exc)[:120]})"
 
     def __call__(self, sources: Sequence, desc: str = "features", progress: bool = True) -> Features:
         import time
 
         start = time.perf_counter()
         n = len(sources)
+        # a file counts as cached only when both its features and its fingerprint are
         known = self.cache.keys(self.model_key) if self.cache else set()
         vectors: list[np.ndarray | None] = [None] * n
         hashes: list[str | None] = [None] * n
         errors: dict[int, str] = {}
+        fps: list[dict | None] = [None] * n
         pending: list[tuple[int, str, np.ndarray]] = []
         cached_idx: list[int] = []
         computed = 0
@@ -240,6 +263,7 @@ class FeatureExtractor:
                 vectors[i] = v
             if self.cache:
                 self.cache.put_many(self.model_key, [(h, v) for (_, h, _), v in zip(pending, out)])
+                self.cache.put_fingerprints([(h, fps[i]) for i, h, _ in pending if fps[i]])
             computed += len(pending)
             pending.clear()
 
@@ -256,8 +280,9 @@ class FeatureExtractor:
                 nxt = next(it, None)
                 if nxt is not None:
                     queue.append((nxt[0], pool.submit(self._load, nxt[1], known)))
-                h, pix, err = fut.result()
+                h, pix, fp, err = fut.result()
                 hashes[i] = h
+                fps[i] = fp
                 if err:
                     errors[i] = err
                 elif pix is None:
@@ -270,8 +295,10 @@ class FeatureExtractor:
             flush()
         if cached_idx and self.cache:
             got = self.cache.get_many(self.model_key, list({hashes[i] for i in cached_idx}))
+            got_fp = self.cache.get_fingerprints(list({hashes[i] for i in cached_idx}))
             for i in cached_idx:
                 vectors[i] = got[hashes[i]]
+                fps[i] = got_fp.get(hashes[i])
         dim = next((v.shape[0] for v in vectors if v is not None), self.dim or 0)
         self.dim = dim
         mat = np.zeros((n, dim), np.float32)
@@ -280,7 +307,7 @@ class FeatureExtractor:
             if v is not None:
                 mat[i] = v
                 ok[i] = True
-        return Features(vectors=mat, ok=ok, errors=errors, hashes=hashes, n_cached=len(cached_idx),
+        return Features(vectors=mat, ok=ok, errors=errors, hashes=hashes, fingerprints=fps, n_cached=len(cached_idx),
                         n_computed=computed, seconds=time.perf_counter() - start)
 
 

@@ -86,12 +86,106 @@ def split_counts(items: list[Item], classes: list[str]) -> dict[str, dict[str, i
     return out
 
 
+def resolve_splits(ds: Dataset, splits=None, val: float = 0.15, test: float = 0.15, seed: int = 0) -> Dataset:
+    """The split every stage agrees on: an explicit splits.csv, else DATA/splits.csv, else the
+    folder's own train/val/test layout, else a stable hashed split."""
+    path = Path(splits) if splits else (ds.root / "splits.csv")
+    if splits and not path.is_file():
+        raise FoldernetError(f"splits file not found: {path}")
+    if path.is_file():
+        given = read_splits_csv(path)
+        missing = [it for it in ds.items if it.relpath not in given]
+        for it in ds.items:
+            if it.relpath in given:
+                it.split = given[it.relpath]
+        if missing:  # new files since the split was written: hash them in, old files stay put
+            _hash_split(missing, val, test, seed)
+        bad = {it.split for it in ds.items} - {"train", "val", "test"}
+        if bad:
+            raise FoldernetError(f"{path}: unknown split names {sorted(bad)}; use train, val or test")
+        ds.splits_source = str(path)
+    else:
+        assign_splits(ds, val=val, test=test, seed=seed)
+    return ds
+
+
+def near_duplicate_groups(ds: Dataset, vectors, fps, hashes) -> int:
+    """Give every cluster of exact or near duplicates one group key, so a split keeps it together.
+    Returns the number of clusters with more than one member."""
+    from collections import Counter
+
+    from .audit import clusters, near_duplicate_pairs
+
+    pairs = [(i, j) for i, j, _, _ in near_duplicate_pairs(vectors, fps)]
+    first: dict[str, int] = {}
+    for i, h in enumerate(hashes):
+        if h is not None:
+            if h in first:
+                pairs.append((first[h], i))
+            else:
+                first[h] = i
+    comp = clusters(len(ds.items), pairs).tolist()
+    sizes = Counter(comp)
+    # the key is the cluster's smallest path, so it does not change when unrelated files are added
+    key: dict[int, str] = {}
+    for it, c in zip(ds.items, comp):
+        if sizes[c] > 1 and (c not in key or it.relpath < key[c]):
+            key[c] = it.relpath
+    for it, c in zip(ds.items, comp):
+        if sizes[c] > 1 and it.group is None:
+            it.group = "dup:" + key[c]
+    return sum(1 for n in sizes.values() if n > 1)
+
+
+def apply_grouping(ds: Dataset, group_by: str | None, features=None) -> None:
+    """``--group-by``: ``near-duplicates``, ``regex:PATTERN`` (first group of a match on the relative
+    path) or ``csv:FILE`` (columns path,group)."""
+    import re
+
+    if not group_by:
+        return
+    if ds.predefined_split:
+        raise FoldernetError(f"{ds.root} already has train/val/test folders; --group-by applies to splits that "
+                             "foldernet makes. Merge the folders or drop --group-by.")
+    if group_by.startswith("regex:"):
+        pat = re.compile(group_by[len("regex:"):])
+        for it in ds.items:
+            m = pat.search(it.relpath)
+            it.group = (m.group(1) if m.groups() else m.group(0)) if m else None
+    elif group_by.startswith("csv:"):
+        path = Path(group_by[len("csv:"):])
+        if not path.is_file():
+            raise FoldernetError(f"group file not found: {path} (expected columns path,group)")
+        with open(path, newline="", encoding="utf-8") as f:
+            groups = {row["path"]: row["group"] for row in csv.DictReader(f)}
+        for it in ds.items:
+            it.group = groups.get(it.relpath) or None
+    elif group_by == "near-duplicates":
+        if features is None:
+            features = _default_features(ds)
+        near_duplicate_groups(ds, features.vectors, features.fingerprints, features.hashes)
+    else:
+        raise FoldernetError(f"--group-by {group_by!r}: use near-duplicates, regex:PATTERN or csv:FILE")
+
+
+def _default_features(ds: Dataset):
+    from .features import FeatureExtractor
+    from .models import create_backbone, state_digest
+    from .preprocess import Preprocess
+
+    bb = create_backbone()
+    extractor = FeatureExtractor(bb.model, Preprocess.from_timm(bb.data_config), state_digest(bb.model), bb.name)
+    return extractor([it.path for it in ds.items], desc="features for grouping")
+
+
 def split_dataset(data: str | os.PathLike, val: float = 0.15, test: float = 0.15, seed: int = 0,
-                  out: str | os.PathLike | None = None, group_regex: str | None = None,
+                  out: str | os.PathLike | None = None, group_by: str | None = None,
                   label_regex: str | None = None) -> Dataset:
-    """Python door for ``foldernet split``: scan, assign, and write ``splits.csv``."""
+    """Python door for ``foldernet split``: scan, group, assign, and write ``splits.csv``."""
     from .data import scan
 
-    ds = assign_splits(scan(data, group_regex=group_regex, label_regex=label_regex), val, test, seed)
+    ds = scan(data, label_regex=label_regex)
+    apply_grouping(ds, group_by)
+    assign_splits(ds, val, test, seed)
     write_splits_csv(ds.items, Path(out) if out else Path(data) / "splits.csv")
     return ds

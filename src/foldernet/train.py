@@ -24,7 +24,8 @@ from .io import atomic_write_json, atomic_write_text, staged_dir
 from .models import DEFAULT_BACKBONE, create_backbone, state_digest
 from .preprocess import Preprocess
 from .progress import console, progress_bar
-from .split import assign_splits, read_splits_csv, split_counts, write_splits_csv
+from .fingerprint import is_low_information
+from .split import apply_grouping, resolve_splits, split_counts, write_splits_csv
 
 log = logging.getLogger("foldernet")
 
@@ -40,6 +41,29 @@ class TrainResult:
     @property
     def model_dir(self) -> Path:
         return self.run_dir / "model"
+
+
+LEAKAGE_TOLERANCE = 0.01  # fraction of val+test images that may duplicate train before train stops
+
+
+def check_leakage(ds: Dataset, feats) -> list[tuple[str, str]]:
+    """(held-out path, train path) for every val/test image with an exact or near duplicate in train."""
+    from .audit import near_duplicate_pairs
+
+    ok = feats.ok
+    train_idx = np.array([i for i, it in enumerate(ds.items) if ok[i] and it.split == "train"])
+    held_idx = np.array([i for i, it in enumerate(ds.items) if ok[i] and it.split != "train"])
+    if len(train_idx) == 0 or len(held_idx) == 0:
+        return []
+    found: dict[int, int] = {}
+    by_hash = {feats.hashes[i]: i for i in train_idx}
+    for i in held_idx:
+        if feats.hashes[i] in by_hash:
+            found[i] = by_hash[feats.hashes[i]]
+    fps = [fp if ok[i] else None for i, fp in enumerate(feats.fingerprints)]
+    for i, j, _, _ in near_duplicate_pairs(feats.vectors, fps, rows=held_idx, cols=train_idx):
+        found.setdefault(i, j)
+    return [(ds.items[i].relpath, ds.items[j].relpath) for i, j in sorted(found.items())]
 
 
 def imbalance_ratio(counts: dict[str, int]) -> float:
@@ -136,11 +160,16 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
           seed: int = 0, balance: str = "auto", max_epochs: int = 200, patience: int = 15, lr: float = 1e-3,
           force: bool = False, splits: str | os.PathLike | None = None, engine: str = "onnx",
           use_cache: bool = True, progress: bool = True, label_regex: str | None = None,
-          group_regex: str | None = None) -> TrainResult:
+          group_by: str | None = None, allow_leakage: bool = False, keep_placeholders: bool = False
+          ) -> TrainResult:
     """Train a classifier on ``data`` (class folders) and write a bundle to ``out/model``.
 
     ``splits``: a ``splits.csv`` (path,label,split) to reuse; by default ``DATA/splits.csv`` is used
     when present, else the folder's own train/val/test layout, else a stable hashed split.
+    ``group_by``: ``near-duplicates``, ``regex:PATTERN`` or ``csv:FILE`` keeps groups on one side.
+    Before training, val/test are checked against train for exact and near duplicates; above
+    ``LEAKAGE_TOLERANCE`` of held-out files it stops and names them (``allow_leakage`` overrides).
+    Flat placeholder-like images ("image not found") are skipped unless ``keep_placeholders``.
     """
     if mode != "head":
         raise FoldernetError(f"mode '{mode}' is not available yet; use --mode head")
@@ -149,13 +178,12 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with staged_dir(out, force=force) as tmp:
-        ds = scan(data, label_regex=label_regex, group_regex=group_regex)
+        ds = scan(data, label_regex=label_regex)
         for w in ds.warnings:
             console.print(Text("warning: ", style="yellow") + Text(w))
         if len(ds.classes) < 2:
             raise FoldernetError(f"{data}: need at least 2 classes with images, found {len(ds.classes)} "
                                  f"({', '.join(ds.classes) or 'none'})")
-        _apply_splits(ds, splits, val, test, seed)
         timings["scan"] = time.perf_counter() - t0
 
         t = time.perf_counter()
@@ -167,8 +195,33 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         feats = extractor([it.path for it in ds.items], desc="extract features", progress=progress)
         timings["features"] = feats.seconds
         skipped = list(ds.skipped) + [(ds.items[i].relpath, r) for i, r in sorted(feats.errors.items())]
+        if not keep_placeholders:
+            for i, fp in enumerate(feats.fingerprints):
+                if feats.ok[i] and fp and is_low_information(fp):
+                    feats.ok[i] = False
+                    skipped.append((ds.items[i].relpath, f"looks like a placeholder or blank image ({fp['colours']} "
+                                    f"colours, one covers {fp['dominant']:.0%}); pass --keep-placeholders to use it"))
         for rel, reason in skipped:
             console.print(Text("skipped ", style="yellow") + Text(f"{rel}: {reason}"))
+
+        if group_by and not (splits or (ds.root / "splits.csv").is_file()):
+            apply_grouping(ds, group_by, features=feats)
+        resolve_splits(ds, splits, val, test, seed)
+        if ds.splits_source:
+            console.print(f"using splits from {ds.splits_source}", markup=False)
+        leaks = check_leakage(ds, feats)
+        if leaks and not allow_leakage:
+            n_held = sum(1 for it, k in zip(ds.items, feats.ok) if k and it.split != "train")
+            if len(leaks) > LEAKAGE_TOLERANCE * max(1, n_held):
+                shown = "\n  ".join(f"{a} duplicates {b}" for a, b in leaks[:20])
+                more = f"\n  ... and {len(leaks) - 20} more" if len(leaks) > 20 else ""
+                raise FoldernetError(
+                    f"{len(leaks)} of {n_held} validation/test images are exact or near duplicates of training "
+                    f"images, so their scores would be inflated:\n  {shown}{more}\n"
+                    f"Fix: `foldernet split {data} --group-by near-duplicates` (keeps duplicates on one side), "
+                    f"or `foldernet audit {data} --fix` (quarantines them), or pass --allow-leakage.")
+        if leaks:
+            console.print(f"note: {len(leaks)} held-out image(s) duplicate training images (within tolerance)")
 
         labels = ds.classes
         index = {c: i for i, c in enumerate(labels)}
@@ -226,6 +279,9 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
             "preprocess": pre.to_dict(),
             "temperature": temperature,
             "seed": seed,
+            "group_by": group_by,
+            "leakage": {"held_out_duplicates": len(leaks), "allowed": allow_leakage,
+                        "examples": [list(p) for p in leaks[:20]]},
             "balance": {"setting": balance, "imbalance_ratio": ratio,
                         "class_weights": cw.tolist() if cw is not None else None},
             "data": {"root": Path(data).resolve().as_posix(), "predefined_split": ds.predefined_split,
@@ -246,28 +302,6 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         if skipped:
             _write_skipped(skipped, tmp / "skipped.csv")
     return TrainResult(run_dir=Path(out), metrics=metrics, timings=timings, config=config, skipped=skipped)
-
-
-def _apply_splits(ds: Dataset, splits, val: float, test: float, seed: int) -> None:
-    path = Path(splits) if splits else (ds.root / "splits.csv")
-    if splits and not path.is_file():
-        raise FoldernetError(f"splits file not found: {path}")
-    if path.is_file():
-        given = read_splits_csv(path)
-        missing = [it for it in ds.items if it.relpath not in given]
-        for it in ds.items:
-            if it.relpath in given:
-                it.split = given[it.relpath]
-        if missing:  # new files since the split was written: hash them in, old files stay put
-            from .split import _hash_split
-
-            _hash_split(missing, val, test, seed)
-        bad = {it.split for it in ds.items} - {"train", "val", "test"}
-        if bad:
-            raise FoldernetError(f"{path}: unknown split names {sorted(bad)}; use train, val or test")
-        console.print(f"using splits from {path}", markup=False)
-    else:
-        assign_splits(ds, val=val, test=test, seed=seed)
 
 
 def _write_history(history: list[dict], path: Path) -> None:
