@@ -10,7 +10,6 @@ target: >= 90 %). A dataset that is absent is skipped with a note.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -19,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_ROOT = HERE.parent.parent / "shared" / "datasets"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import DATASETS as DEFAULT_ROOT, print_table  # noqa: E402
+
 FLOORS = {"hymenoptera": 0.93, "clothing": 0.85}
 
 
@@ -104,12 +104,7 @@ def main() -> int:
     cols = ["dataset", "images", "accuracy", "macro_f1", "floor", "cold_total_s", "scan_s", "load_backbone_s",
             "features_s", "head_s", "evaluate_s", "extract_img_per_s", "bare_backbone_img_per_s", "extract_vs_bare",
             "decode_ms_per_img", "extract_vs_ceiling", "warm_total_s"]
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print(json.dumps({"benchmark": "train_folders", **r}))
+    print_table(rows, cols, "train_folders")
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -63,6 +63,8 @@ class Prediction:
     source: str
     top: list[tuple[str, float]]
     error: str | None = None
+    not_sure: bool = False
+    similar: list = field(default_factory=list)  # nearest training images (similar.Neighbour)
 
     @property
     def label(self) -> str | None:
@@ -74,33 +76,67 @@ class Prediction:
 
 
 class Predictor:
-    """The API every predictor shares (torch bundle, ONNX file, server): subclasses give
-    ``labels`` and ``predict_proba(sources) -> (probs, ok, errors)``."""
+    """The API every predictor shares (torch bundle, ONNX file): subclasses give ``labels``,
+    ``threshold`` and ``predict_batch(sources) -> (probs, features, ok, errors)``."""
 
     labels: list[str]
+    threshold: float | None = None
+    index_dir: Path | None = None
+    _index = None
 
-    def predict_proba(self, sources: Sequence, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    def predict_batch(self, sources: Sequence, progress: bool = False):
         raise NotImplementedError
 
-    def predict(self, inputs: str | os.PathLike | bytes | Iterable, top_k: int = 5, batch_size: int = 256,
-                progress: bool = False) -> list[Prediction]:
-        return list(self.iter_predict(inputs, top_k=top_k, batch_size=batch_size, progress=progress))
+    def predict_proba(self, sources: Sequence, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(probs (N, C), ok mask, {index: reason}) for paths or bytes."""
+        probs, _, ok, errors = self.predict_batch(sources, progress=progress)
+        return probs, ok, errors
 
-    def iter_predict(self, inputs, top_k: int = 5, batch_size: int = 256, progress: bool = False
-                     ) -> Iterator[Prediction]:
-        """Stream predictions chunk by chunk, so a folder of 10,000 images never sits in memory."""
+    @property
+    def index(self):
+        """Training-image embeddings for similar-example search, or None when the bundle has none."""
+        if self._index is None and self.index_dir is not None:
+            from .similar import SimilarIndex
+
+            if SimilarIndex.exists(self.index_dir):
+                self._index = SimilarIndex(self.index_dir)
+        return self._index
+
+    def similar(self, inputs, k: int = 5) -> list[list]:
+        """The ``k`` nearest training images of each input (path, label, cosine similarity)."""
+        if self.index is None:
+            raise FoldernetError("this model has no similar-example index (train with foldernet >= 0.1)")
+        sources = expand_inputs(inputs)
+        _, feats, ok, errors = self.predict_batch(sources)
+        hits = self.index.search(feats, k)
+        return [h if ok[i] else [] for i, h in enumerate(hits)]
+
+    def predict(self, inputs: str | os.PathLike | bytes | Iterable, top_k: int = 5, batch_size: int = 256,
+                progress: bool = False, similar: int = 0) -> list[Prediction]:
+        return list(self.iter_predict(inputs, top_k=top_k, batch_size=batch_size, progress=progress,
+                                      similar=similar))
+
+    def iter_predict(self, inputs, top_k: int = 5, batch_size: int = 256, progress: bool = False,
+                     similar: int = 0) -> Iterator[Prediction]:
+        """Stream predictions chunk by chunk, so a folder of 10,000 images never sits in memory.
+        A top-1 confidence under the bundle's threshold marks the answer ``not_sure`` (top-k still listed);
+        ``similar=K`` adds the K nearest training images."""
         sources = expand_inputs(inputs)
         k = max(1, min(top_k, len(self.labels)))
+        index = self.index if similar > 0 else None
         for start in range(0, len(sources), batch_size):
             chunk = sources[start:start + batch_size]
-            probs, ok, errors = self.predict_proba(chunk, progress=progress and len(sources) > batch_size)
+            probs, feats, ok, errors = self.predict_batch(chunk, progress=progress and len(sources) > batch_size)
+            neighbours = index.search(feats, similar) if index is not None and feats is not None else None
             for i, src in enumerate(chunk):
                 name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
                 if not ok[i]:
                     yield Prediction(name, [], errors.get(i, "unreadable"))
                     continue
                 order = np.argsort(-probs[i])[:k]
-                yield Prediction(name, [(self.labels[j], float(probs[i, j])) for j in order])
+                top = [(self.labels[j], float(probs[i, j])) for j in order]
+                unsure = self.threshold is not None and top[0][1] < self.threshold
+                yield Prediction(name, top, None, unsure, neighbours[i] if neighbours else [])
 
 
 class Classifier(Predictor):
@@ -130,6 +166,8 @@ class Classifier(Predictor):
         self.head_weight = tensors["head.weight"].numpy()
         self.head_bias = tensors["head.bias"].numpy()
         self.temperature = float(self.config.get("temperature", 1.0))
+        self.threshold = self.config.get("threshold")
+        self.index_dir = model_dir
         self._engine_pref = engine
         self._use_cache = use_cache
         self._extractor = None
@@ -147,10 +185,9 @@ class Classifier(Predictor):
     def proba_from_features(self, feats: np.ndarray) -> np.ndarray:
         return softmax((feats @ self.head_weight.T + self.head_bias) / self.temperature)
 
-    def predict_proba(self, sources: Sequence, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
-        """(probs (N, C), ok mask, {index: reason}) for paths or bytes."""
+    def predict_batch(self, sources: Sequence, progress: bool = False):
         f = self.extractor(list(sources), desc="predict", progress=progress)
-        return self.proba_from_features(f.vectors), f.ok, f.errors
+        return self.proba_from_features(f.vectors), f.vectors, f.ok, f.errors
 
 
 def expand_inputs(inputs) -> list:

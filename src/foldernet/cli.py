@@ -66,6 +66,7 @@ def train(
     group_regex: Optional[str] = typer.Option(None, help="shorthand for --group-by regex:PATTERN"),
     allow_leakage: bool = typer.Option(False, "--allow-leakage", help="train even if val/test duplicate train images"),
     keep_placeholders: bool = typer.Option(False, "--keep-placeholders", help="train on flat placeholder-like images"),
+    label_map: Optional[Path] = typer.Option(None, help="CSV fine,coarse: also evaluate and report coarse labels"),
     no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the feature cache"),
     engine: str = typer.Option("onnx", help="onnx (fast CPU path) or torch"),
     force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
@@ -77,7 +78,7 @@ def train(
                     balance=balance, max_epochs=epochs, force=force, splits=splits, engine=engine,
                     use_cache=not no_cache, label_regex=label_regex,
                     group_by=group_by or (f"regex:{group_regex}" if group_regex else None),
-                    allow_leakage=allow_leakage, keep_placeholders=keep_placeholders)
+                    allow_leakage=allow_leakage, keep_placeholders=keep_placeholders, label_map_file=label_map)
     _print_train_result(result)
 
 
@@ -106,35 +107,40 @@ def predict(
     inputs: List[Path] = typer.Argument(..., help="image files and/or folders"),
     top_k: int = typer.Option(5, "--top-k", "-k", help="how many labels to list per input"),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="write a CSV instead of printing"),
+    similar: int = typer.Option(0, "--similar", help="also list this many most similar training images"),
 ) -> None:
     """Top-k labels with probabilities for each image (label_image style), or a CSV."""
     from .bundle import load
     from .io import atomic_write_text
 
     model = load(run)
-    preds = model.iter_predict(inputs, top_k=top_k, progress=csv_out is not None)
+    preds = model.iter_predict(inputs, top_k=top_k, progress=csv_out is not None, similar=similar)
     n_bad = 0
     if csv_out is not None:
         k = max(1, min(top_k, len(model.labels)))
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"label{i}", f"prob{i}")] + ["error"])
+        w.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"label{i}", f"prob{i}")] + ["not_sure", "error"]
+                   + (["similar"] if similar else []))
         count = 0
         for p in preds:
             count += 1
             n_bad += p.error is not None
             cells = [c for lab, prob in p.top for c in (lab, f"{prob:.6f}")]
-            w.writerow([p.source] + cells + [""] * (2 * k - len(cells)) + [p.error or ""])
+            w.writerow([p.source] + cells + [""] * (2 * k - len(cells)) + [int(p.not_sure), p.error or ""]
+                       + (["|".join(f"{n.path}:{n.similarity:.3f}" for n in p.similar)] if similar else []))
         atomic_write_text(csv_out, buf.getvalue())
         stdout.print(f"wrote {count} predictions to {csv_out}")
     else:
         for p in preds:
-            stdout.print(p.source)
+            stdout.print(p.source + ("  (not sure)" if p.not_sure else ""))
             if p.error:
                 n_bad += 1
                 stdout.print(f"  skipped: {p.error}")
             for label, prob in p.top:
                 stdout.print(f"  {label} {prob:.4f}")
+            for n in p.similar:
+                stdout.print(f"  similar: {n.path} ({n.label}) {n.similarity:.3f}")
     if n_bad:
         console.print(f"[yellow]{n_bad} input(s) could not be read; they are listed with the reason[/]")
 
@@ -205,6 +211,72 @@ def restore(manifest: Path = typer.Argument(..., help="a quarantine manifest.jso
     from .audit import restore as _restore
 
     stdout.print(f"restored {_restore(manifest)} file(s)")
+
+
+@app.command()
+def collect(
+    url_list: Path = typer.Argument(..., help="CSV with columns url,label (and optionally group)"),
+    out: Path = typer.Option(..., "--out", "-o", help="DATA folder to fill: DATA/<label>/<hash>.<ext>"),
+    workers: int = typer.Option(8, help="parallel downloads"),
+    timeout: float = typer.Option(20.0, help="seconds per request"),
+    retries: int = typer.Option(3, help="retries for timeouts, 429 and 5xx (exponential backoff)"),
+    max_mb: float = typer.Option(20.0, help="largest file to accept"),
+) -> None:
+    """Download a URL list into class folders: checked, deduplicated, resumable, every row logged."""
+    from .collect import collect as _collect
+
+    r = _collect(url_list, out, workers=workers, timeout=timeout, retries=retries, max_mb=max_mb)
+    stdout.print(f"{r['rows']} rows ({r['skipped_as_done']} already done): "
+                 + ", ".join(f"{k} {v}" for k, v in sorted(r["status"].items())))
+    stdout.print(f"log: {r['log']}")
+
+
+@app.command()
+def frames(
+    videos: List[Path] = typer.Argument(..., help="video files"),
+    out: Path = typer.Option(..., "--out", "-o", help="class folder to write frames into: DATA/<label>"),
+    every: float = typer.Option(0.5, help="seconds between saved frames"),
+    max_frames: Optional[int] = typer.Option(None, help="at most this many frames per video"),
+) -> None:
+    """Save video frames as images; each frame's group is its video, so splits keep videos whole."""
+    from .collect import extract_frames
+
+    r = extract_frames(videos, out, every=every, max_frames=max_frames)
+    for v, n in r["frames"].items():
+        stdout.print(f"{v}: {n} frames")
+    stdout.print(f"groups: {r['groups']} (train and split use it to keep each video on one side)")
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="run folder"),
+    data: Optional[Path] = typer.Option(None, help="the training data folder, if it moved (for thumbnails)"),
+) -> None:
+    """(Re)write RUN/report.html: metrics, confusion matrix, curves, calibration, mistakes, data checks."""
+    from .bundle import find_model_dir
+    from .report import write_report
+
+    path = write_report(find_model_dir(run).parent, data_root=data)
+    stdout.print(f"report: {path}")
+
+
+@app.command()
+def similar(
+    run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
+    images: List[Path] = typer.Argument(..., help="image files or folders"),
+    k: int = typer.Option(5, "-k", help="how many neighbours"),
+) -> None:
+    """The most similar training images of each input, with labels and cosine similarity."""
+    from .bundle import expand_inputs, load
+
+    model = load(run)
+    sources = expand_inputs(images)
+    for src, hits in zip(sources, model.similar(sources, k=k)):
+        stdout.print(str(src))
+        if not hits:
+            stdout.print("  skipped: unreadable image")
+        for n in hits:
+            stdout.print(f"  {n.similarity:.4f}  {n.label}  {n.path}")
 
 
 @app.command()

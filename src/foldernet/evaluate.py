@@ -134,9 +134,83 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     probs, ok, errors = model.predict_proba([it.path for it in ds.items], progress=progress)
     y = np.array([index[it.label] for it in ds.items])
     metrics = compute_metrics(probs[ok], y[ok], model.labels)
+    if ok.any():
+        p, yy = probs[ok], y[ok]
+        metrics["ece"] = expected_calibration_error(p.max(1), p.argmax(1) == yy)
+        if model.threshold is not None:
+            sure = p.max(1) >= model.threshold
+            metrics["not_sure_rate"] = float(1 - sure.mean())
+            metrics["accuracy_when_sure"] = float((p.argmax(1) == yy)[sure].mean()) if sure.any() else float("nan")
+        label_map = model.config.get("label_map")
+        if label_map:
+            cp, coarse = coarse_probs(p, model.labels, label_map)
+            metrics["coarse"] = compute_metrics(cp, np.array([coarse.index(label_map[model.labels[v]]) for v in yy]),
+                                                coarse)
     metrics["skipped"] = [(ds.items[i].relpath, r) for i, r in errors.items()] + list(ds.skipped)
     if out is not None:
         out = Path(out)
         atomic_write_json(out / "metrics.json", metrics)
         plot_confusion_matrix(metrics, out / "confusion_matrix.png", title=f"{Path(data).name}")
     return metrics
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE: the bin-size-weighted gap between confidence and accuracy over equal-width bins."""
+    if len(confidence) == 0:
+        return float("nan")
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(float(correct[m].mean()) - float(confidence[m].mean()))
+    return float(ece)
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict]:
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    return [{"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int((idx == b).sum()),
+             "accuracy": float(correct[idx == b].mean()) if (idx == b).any() else None,
+             "confidence": float(confidence[idx == b].mean()) if (idx == b).any() else None} for b in range(bins)]
+
+
+# Open set: the "not sure" threshold is the 2.5th percentile of the (calibrated) top-1 confidence of
+# the correctly classified validation images, so about 2.5 % of right answers on known classes turn
+# into "not sure" while low-confidence answers (typical of unseen classes) are flagged.
+NOT_SURE_QUANTILE = 0.025
+
+
+def choose_threshold(probs: np.ndarray, y: np.ndarray, quantile: float = NOT_SURE_QUANTILE) -> float | None:
+    correct = probs.argmax(1) == y
+    if correct.sum() < 5:
+        return None
+    return float(np.quantile(probs.max(1)[correct], quantile))
+
+
+def read_label_map(path: str | os.PathLike, labels: list[str]) -> dict[str, str]:
+    """A CSV of fine,coarse (header optional); every fine label must be mapped."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FoldernetError(f"label map not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["fine", "coarse"]:
+        rows = rows[1:]
+    mapping = {r[0].strip(): r[1].strip() for r in rows if len(r) >= 2}
+    missing = [c for c in labels if c not in mapping]
+    if missing:
+        raise FoldernetError(f"{path} maps no coarse label for: {', '.join(missing)} (expected lines fine,coarse)")
+    return {c: mapping[c] for c in labels}
+
+
+def coarse_probs(probs: np.ndarray, labels: list[str], label_map: dict[str, str]) -> tuple[np.ndarray, list[str]]:
+    """Sum fine probabilities into their coarse groups."""
+    coarse = sorted(set(label_map.values()))
+    m = np.zeros((len(labels), len(coarse)), np.float32)
+    for i, c in enumerate(labels):
+        m[i, coarse.index(label_map[c])] = 1
+    return probs @ m, coarse

@@ -46,6 +46,8 @@ class OnnxClassifier(Predictor):
         self.labels: list[str] = info["labels"]
         self.preprocess = Preprocess.from_dict(info["preprocess"])
         self.threshold = info.get("threshold")
+        bundle_dir = path.parent.parent / "model"  # RUN/export/model.onnx -> RUN/model (similar index)
+        self.index_dir = bundle_dir if bundle_dir.is_dir() else None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.batch_size = batch_size
@@ -57,7 +59,7 @@ class OnnxClassifier(Predictor):
         outs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
         return dict(zip(self.output_names, outs))
 
-    def predict_proba(self, sources: Sequence, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    def predict_batch(self, sources: Sequence, progress: bool = False):
         def load(src):
             try:
                 return self.pixels(src), None
@@ -66,6 +68,7 @@ class OnnxClassifier(Predictor):
 
         n = len(sources)
         probs = np.zeros((n, len(self.labels)), np.float32)
+        feats = None
         ok = np.zeros(n, bool)
         errors: dict[int, str] = {}
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -76,6 +79,11 @@ class OnnxClassifier(Predictor):
                 errors[i] = err
         for start in range(0, len(good), self.batch_size):
             idx = good[start:start + self.batch_size]
-            probs[idx] = self.run(np.stack([loaded[i][0] for i in idx]))["probabilities"]
+            out = self.run(np.stack([loaded[i][0] for i in idx]))
+            probs[idx] = out["probabilities"]
+            if "features" in out:
+                if feats is None:
+                    feats = np.zeros((n, out["features"].shape[1]), np.float32)
+                feats[idx] = out["features"]
             ok[idx] = True
-        return probs, ok, errors
+        return probs, feats, ok, errors

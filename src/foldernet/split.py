@@ -142,6 +142,8 @@ def apply_grouping(ds: Dataset, group_by: str | None, features=None) -> None:
     path) or ``csv:FILE`` (columns path,group)."""
     import re
 
+    if not group_by and (ds.root / "groups.csv").is_file() and not ds.predefined_split:
+        group_by = f"csv:{ds.root / 'groups.csv'}"  # written by `foldernet collect` / `frames`
     if not group_by:
         return
     if ds.predefined_split:

@@ -18,13 +18,15 @@ from rich.text import Text
 from .bundle import save_bundle
 from .data import Dataset, scan
 from .errors import FoldernetError
-from .evaluate import compute_metrics, plot_confusion_matrix
+from .evaluate import (NOT_SURE_QUANTILE, choose_threshold, coarse_probs, compute_metrics,
+                       expected_calibration_error, plot_confusion_matrix, read_label_map, reliability_bins)
 from .features import FeatureExtractor, softmax
 from .io import atomic_write_json, atomic_write_text, staged_dir
 from .models import DEFAULT_BACKBONE, create_backbone, state_digest
 from .preprocess import Preprocess
 from .progress import console, progress_bar
 from .fingerprint import is_low_information
+from .similar import save_index
 from .split import apply_grouping, resolve_splits, split_counts, write_splits_csv
 
 log = logging.getLogger("foldernet")
@@ -160,8 +162,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
           seed: int = 0, balance: str = "auto", max_epochs: int = 200, patience: int = 15, lr: float = 1e-3,
           force: bool = False, splits: str | os.PathLike | None = None, engine: str = "onnx",
           use_cache: bool = True, progress: bool = True, label_regex: str | None = None,
-          group_by: str | None = None, allow_leakage: bool = False, keep_placeholders: bool = False
-          ) -> TrainResult:
+          group_by: str | None = None, allow_leakage: bool = False, keep_placeholders: bool = False,
+          label_map_file: str | os.PathLike | None = None, report: bool = True) -> TrainResult:
     """Train a classifier on ``data`` (class folders) and write a bundle to ``out/model``.
 
     ``splits``: a ``splits.csv`` (path,label,split) to reuse; by default ``DATA/splits.csv`` is used
@@ -184,6 +186,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         if len(ds.classes) < 2:
             raise FoldernetError(f"{data}: need at least 2 classes with images, found {len(ds.classes)} "
                                  f"({', '.join(ds.classes) or 'none'})")
+        label_map = read_label_map(label_map_file, ds.classes) if label_map_file else None
         timings["scan"] = time.perf_counter() - t0
 
         t = time.perf_counter()
@@ -204,7 +207,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         for rel, reason in skipped:
             console.print(Text("skipped ", style="yellow") + Text(f"{rel}: {reason}"))
 
-        if group_by and not (splits or (ds.root / "splits.csv").is_file()):
+        if not (splits or (ds.root / "splits.csv").is_file()):
             apply_grouping(ds, group_by, features=feats)
         resolve_splits(ds, splits, val, test, seed)
         if ds.splits_source:
@@ -254,11 +257,40 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         timings["train_head"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        metrics: dict = {"splits": {}}
+        threshold = None
+        if xv is not None:
+            threshold = choose_threshold(softmax((xv @ weight.T + bias) / temperature), yv)
+        metrics: dict = {"splits": {}, "coarse": {}}
+        pred_rows: list[dict] = []
         for s in ("val", "test"):
-            if sel[s].any():
-                logits = feats.vectors[sel[s]] @ weight.T + bias
-                metrics["splits"][s] = compute_metrics(softmax(logits / temperature), y[sel[s]], labels)
+            if not sel[s].any():
+                continue
+            logits = feats.vectors[sel[s]] @ weight.T + bias
+            probs, raw = softmax(logits / temperature), softmax(logits)
+            ys = y[sel[s]]
+            m = compute_metrics(probs, ys, labels)
+            correct = probs.argmax(1) == ys
+            m["ece"] = expected_calibration_error(probs.max(1), correct)
+            m["ece_uncalibrated"] = expected_calibration_error(raw.max(1), raw.argmax(1) == ys)
+            m["reliability"] = reliability_bins(probs.max(1), correct)
+            m["reliability_uncalibrated"] = reliability_bins(raw.max(1), raw.argmax(1) == ys)
+            if threshold is not None:
+                sure = probs.max(1) >= threshold
+                m["not_sure_rate"] = float(1 - sure.mean())
+                m["accuracy_when_sure"] = float(correct[sure].mean()) if sure.any() else float("nan")
+            metrics["splits"][s] = m
+            if label_map:
+                cp, coarse = coarse_probs(probs, labels, label_map)
+                cy = np.array([coarse.index(label_map[labels[v]]) for v in ys])
+                metrics["coarse"][s] = compute_metrics(cp, cy, coarse)
+            order = np.argsort(-probs, axis=1)[:, :3]
+            for row_i, item_i in enumerate(np.flatnonzero(sel[s])):
+                pred_rows.append({"path": ds.items[item_i].relpath, "split": s, "label": labels[ys[row_i]],
+                                  "predicted": labels[order[row_i, 0]],
+                                  "confidence": round(float(probs[row_i, order[row_i, 0]]), 6),
+                                  "confidence_uncalibrated": round(float(raw[row_i].max()), 6),
+                                  "p_true": round(float(probs[row_i, ys[row_i]]), 6),
+                                  "top3": "|".join(labels[j] for j in order[row_i])})
         report_split = "test" if "test" in metrics["splits"] else "val" if "val" in metrics["splits"] else None
         metrics["reported_split"] = report_split
         metrics["history"] = history
@@ -278,6 +310,10 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
             "num_features": int(bb.num_features),
             "preprocess": pre.to_dict(),
             "temperature": temperature,
+            "threshold": threshold,
+            "threshold_rule": f"{NOT_SURE_QUANTILE:.1%} quantile of the calibrated top-1 confidence of correctly "
+                              "classified validation images",
+            "label_map": label_map,
             "seed": seed,
             "group_by": group_by,
             "leakage": {"held_out_duplicates": len(leaks), "allowed": allow_leakage,
@@ -298,7 +334,15 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         metrics["timings"] = timings
         save_bundle(tmp / "model", bb.model, weight, bias, config, metrics)
         write_splits_csv(ds.items, tmp / "model" / "splits.csv")
+        train_rows = np.flatnonzero(sel["train"])
+        save_index(tmp / "model", feats.vectors[train_rows], [ds.items[i].relpath for i in train_rows],
+                   [ds.items[i].label for i in train_rows])
+        _write_rows(pred_rows, tmp / "predictions.csv")
         _write_history(history, tmp / "history.csv")
+        if report:
+            from .report import write_report
+
+            write_report(tmp, data_root=ds.root, title=Path(out).name)
         if skipped:
             _write_skipped(skipped, tmp / "skipped.csv")
     return TrainResult(run_dir=Path(out), metrics=metrics, timings=timings, config=config, skipped=skipped)
@@ -310,6 +354,16 @@ def _write_history(history: list[dict], path: Path) -> None:
     w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
     w.writeheader()
     w.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _write_rows(rows: list[dict], path: Path) -> None:
+    if not rows:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
     atomic_write_text(path, buf.getvalue())
 
 

@@ -1,0 +1,211 @@
+"""``foldernet report RUN``: one self-contained HTML file (plots and thumbnails embedded, no
+external resources) that says how good the model really is. ``train`` writes it automatically."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .evaluate import most_confused
+from .io import atomic_write_text
+
+SECTIONS = ["summary", "metrics", "per-class", "confusion", "confused-pairs", "curves", "calibration",
+            "misclassified", "data-checks"]
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curves_png(history: list[dict]) -> str | None:
+    if not history:
+        return None
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, ax in (("loss", a), ("acc", b)):
+        for split in ("train", "val"):
+            vals = [h.get(f"{split}_{key}") for h in history]
+            if any(v is not None for v in vals):
+                ax.plot(epochs, vals, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title("loss" if key == "loss" else "accuracy")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def reliability_png(m: dict) -> str | None:
+    if "reliability" not in m:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, ece_key, name in ((axes[0], "reliability_uncalibrated", "ece_uncalibrated", "before temperature"),
+                                   (axes[1], "reliability", "ece", "after temperature scaling")):
+        bins = m[key]
+        centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
+        acc = [b["accuracy"] if b["accuracy"] is not None else 0 for b in bins]
+        ax.bar(centers, acc, width=0.09, color="#457b9d", edgecolor="#1d3557", label="accuracy")
+        ax.plot([0, 1], [0, 1], "--", color="#e63946", label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}: ECE {m[ece_key]:.3f}")
+        ax.legend(loc="upper left")
+    return _png(fig)
+
+
+def _thumb(path: Path, size: int = 120) -> str:
+    from .data import open_image
+
+    try:
+        img = open_image(path, draft_size=size)
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=80)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    except Exception:  # noqa: BLE001 - a moved or unreadable file just has no thumbnail
+        return ""
+
+
+def _pct(x) -> str:
+    return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table class='{cls}'><tr>{head}</tr>{body}</table>"
+
+
+def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = None, max_gallery: int = 48,
+                 title: str | None = None) -> Path:
+    run = Path(run)
+    title = title or run.resolve().name
+    model_dir = run / "model"
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    metrics = json.loads((model_dir / "metrics.json").read_text(encoding="utf-8"))
+    root = Path(data_root) if data_root else Path(cfg["data"]["root"])
+    split = metrics.get("reported_split")
+    m = metrics["splits"].get(split, {}) if split else {}
+    e = html.escape
+    parts: list[str] = []
+
+    counts = cfg["data"]["counts"]
+    sizes = {s: sum(v.values()) for s, v in counts.items()}
+    t = metrics.get("timings", {})
+    parts.append("<section id='summary'><h2>Summary</h2>" + _table(["", ""], [
+        ["data", e(cfg["data"]["root"])],
+        ["classes", f"{len(cfg['labels'])}: " + e(", ".join(cfg["labels"][:30])) + (" ..." if len(cfg["labels"]) > 30 else "")],
+        ["split sizes", f"train {sizes.get('train', 0)}, val {sizes.get('val', 0)}, test {sizes.get('test', 0)}"
+         + (" (from the folder layout)" if cfg["data"].get("predefined_split") else "")],
+        ["backbone", f"{e(cfg['backbone'])} ({e(cfg['weights_source'])}), mode {e(cfg['mode'])}, engine {e(cfg.get('engine', ''))}"],
+        ["time", ", ".join(f"{k} {v:.1f}s" for k, v in t.items())],
+        ["created", e(cfg.get("created", ""))]]) + "</section>")
+
+    if m:
+        rows = [["top-1 accuracy", _pct(m["accuracy"])], ["macro-F1", f"{m['macro_f1']:.4f}"],
+                ["balanced accuracy", _pct(m.get("balanced_accuracy"))]]
+        for k in (3, 5):
+            if f"top{k}" in m:
+                rows.append([f"top-{k} accuracy", _pct(m[f"top{k}"])])
+        if "ece" in m:
+            rows.append(["expected calibration error", f"{m['ece_uncalibrated']:.4f} before, {m['ece']:.4f} after "
+                         f"temperature scaling (T = {cfg['temperature']:.3f})"])
+        if cfg.get("threshold") is not None:
+            rows.append(["'not sure' threshold", f"{cfg['threshold']:.4f} ({e(cfg.get('threshold_rule', ''))}); "
+                         f"{_pct(m.get('not_sure_rate'))} of this split is 'not sure', accuracy when sure "
+                         f"{_pct(m.get('accuracy_when_sure'))}"])
+        other = [s for s in metrics["splits"] if s != split]
+        for s in other:
+            o = metrics["splits"][s]
+            rows.append([f"{s} split", f"accuracy {_pct(o['accuracy'])}, macro-F1 {o['macro_f1']:.4f} (n={o['n']})"])
+        parts.append(f"<section id='metrics'><h2>Metrics on the {e(split)} split (n={m['n']})</h2>"
+                     + _table(["metric", "value"], rows) + "</section>")
+        pc = [[e(c), _pct(v["precision"]), _pct(v["recall"]), f"{v['f1']:.3f}", str(v["support"])]
+              for c, v in m["per_class"].items()]
+        parts.append("<section id='per-class'><h2>Per class</h2>"
+                     + _table(["class", "precision", "recall", "F1", "support"], pc, "num") + "</section>")
+        cm_png = run / "confusion_matrix.png"
+        img = ("<img alt='confusion matrix' src='data:image/png;base64,"
+               + base64.b64encode(cm_png.read_bytes()).decode() + "'>") if cm_png.exists() else ""
+        parts.append(f"<section id='confusion'><h2>Confusion matrix</h2>{img}</section>")
+        pairs = most_confused(m, 10)
+        parts.append("<section id='confused-pairs'><h2>Most confused pairs</h2>"
+                     + (_table(["true", "predicted as", "count"], [[e(a), e(b), str(n)] for a, b, n in pairs])
+                        if pairs else "<p>none</p>") + "</section>")
+        for s, cm in metrics.get("coarse", {}).items():
+            parts.append(f"<section id='coarse-{s}'><h2>Coarse labels ({e(s)} split)</h2>"
+                         f"<p>accuracy {_pct(cm['accuracy'])}, macro-F1 {cm['macro_f1']:.4f}</p>"
+                         + _table(["coarse class", "precision", "recall", "F1", "support"],
+                                  [[e(c), _pct(v["precision"]), _pct(v["recall"]), f"{v['f1']:.3f}", str(v["support"])]
+                                   for c, v in cm["per_class"].items()], "num") + "</section>")
+    curves = curves_png(metrics.get("history", []))
+    parts.append("<section id='curves'><h2>Training curves</h2>"
+                 + (f"<img alt='training curves' src='{curves}'>" if curves else "<p>no history</p>") + "</section>")
+    rel = reliability_png(m) if m else None
+    parts.append("<section id='calibration'><h2>Calibration (reliability diagram)</h2>"
+                 + (f"<img alt='reliability diagram' src='{rel}'>" if rel else "<p>no validation data</p>") + "</section>")
+
+    gallery = []
+    pred_file = run / "predictions.csv"
+    if pred_file.exists():
+        with open(pred_file, newline="", encoding="utf-8") as f:
+            wrong = [r for r in csv.DictReader(f) if r["split"] == split and r["label"] != r["predicted"]]
+        wrong.sort(key=lambda r: -float(r["confidence"]))
+        for r in wrong[:max_gallery]:
+            uri = _thumb(root / r["path"])
+            img = f"<img src='{uri}' alt=''>" if uri else "<div class='noimg'>no preview</div>"
+            gallery.append(f"<figure>{img}<figcaption><b>{e(r['predicted'])}</b> {_pct(float(r['confidence']))}"
+                           f"<br>true: {e(r['label'])}<br><small>{e(r['path'])}</small></figcaption></figure>")
+    parts.append("<section id='misclassified'><h2>Misclassified, most confident first</h2><div class='gallery'>"
+                 + ("".join(gallery) or "<p>no mistakes on this split</p>") + "</div></section>")
+
+    checks = [["skipped files", str(len(metrics.get("skipped", [])))],
+              ["val/test images duplicating training images", str(cfg.get("leakage", {}).get("held_out_duplicates", 0))],
+              ["class imbalance ratio (train)", f"{cfg['balance']['imbalance_ratio']:.2f}"
+               + (" (class-weighted loss)" if cfg["balance"].get("class_weights") else "")]]
+    audit_file = run / "audit.json"
+    if audit_file.exists():
+        audit = json.loads(audit_file.read_text(encoding="utf-8"))
+        checks += [[f"audit: {k}", str(v)] for k, v in audit.get("summary", {}).items()]
+    skipped = metrics.get("skipped", [])[:50]
+    parts.append("<section id='data-checks'><h2>Data checks</h2>" + _table(["check", "result"], checks)
+                 + (_table(["skipped file", "reason"], [[e(a), e(b)] for a, b in skipped]) if skipped else "")
+                 + "</section>")
+
+    style = ("body{font-family:system-ui,-apple-system,sans-serif;margin:0;color:#1d232b;background:#f6f7f9}"
+             "header{background:#1d3557;color:#fff;padding:14px 24px}main{max-width:1100px;margin:auto;padding:12px}"
+             "section{background:#fff;border-radius:10px;padding:12px 18px;margin:12px 0;box-shadow:0 1px 3px #0002}"
+             "table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}"
+             "table.num td:not(:first-child){text-align:right}img{max-width:100%}"
+             ".gallery{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:130px;font-size:12px}"
+             "figure img{width:120px;height:120px;object-fit:cover;border-radius:6px}"
+             ".noimg{width:120px;height:120px;background:#eee}nav a{color:#fff;margin-right:10px;font-size:13px}")
+    nav = "".join(f"<a href='#{s}'>{s}</a>" for s in SECTIONS)
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>foldernet report</title>"
+            f"<style>{style}</style></head><body><header><h1>foldernet report: {e(title)}</h1><nav>{nav}</nav>"
+            f"</header><main>{''.join(parts)}</main></body></html>")
+    return atomic_write_text(run / "report.html", page)

@@ -1,0 +1,60 @@
+"""Similar examples: the bundle keeps the training images' embeddings (unit length, float16) with
+their paths and labels, so a prediction can show the nearest training images: the painting
+recognizer's "did you mean one of these?" when it is unsure or the painting is not in its database.
+
+Exact search is one matrix product (fine to ~100k images); beyond that an approximate index would
+sit behind the same ``SimilarIndex.search``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_write_bytes, atomic_write_json
+
+INDEX_FILE = "index.safetensors"
+INDEX_META = "index.json"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def save_index(model_dir: str | os.PathLike, vectors: np.ndarray, paths: list[str], labels: list[str]) -> None:
+    from safetensors.numpy import save
+
+    model_dir = Path(model_dir)
+    atomic_write_bytes(model_dir / INDEX_FILE, save({"embeddings": _unit(vectors).astype(np.float16)}))
+    atomic_write_json(model_dir / INDEX_META, {"paths": paths, "labels": labels})
+
+
+@dataclass
+class Neighbour:
+    path: str
+    label: str
+    similarity: float
+
+
+class SimilarIndex:
+    def __init__(self, model_dir: str | os.PathLike):
+        from safetensors.numpy import load_file
+
+        model_dir = Path(model_dir)
+        self.embeddings = load_file(str(model_dir / INDEX_FILE))["embeddings"].astype(np.float32)
+        meta = json.loads((model_dir / INDEX_META).read_text(encoding="utf-8"))
+        self.paths, self.labels = meta["paths"], meta["labels"]
+
+    @staticmethod
+    def exists(model_dir: str | os.PathLike) -> bool:
+        return (Path(model_dir) / INDEX_FILE).is_file()
+
+    def search(self, vectors: np.ndarray, k: int = 5) -> list[list[Neighbour]]:
+        sims = _unit(np.atleast_2d(vectors).astype(np.float32)) @ self.embeddings.T
+        k = min(k, sims.shape[1])
+        top = np.argsort(-sims, axis=1)[:, :k]
+        return [[Neighbour(self.paths[j], self.labels[j], float(s[j])) for j in row] for row, s in zip(top, sims)]
