@@ -2,7 +2,6 @@ import io
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -81,13 +80,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_browser_uploads_an_image_and_sees_the_bar_chart(trained_run, digits_dir, tmp_path):
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip("Debian chromium is not installed (apt-get install chromium); .ci/run installs it")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+def test_browser_uploads_an_image_and_sees_the_bar_chart(trained_run, digits_dir):
     import uvicorn
 
+    from browser import browser_page, screenshot
     from foldernet.serve import create_app
 
     port = _free_port()
@@ -100,25 +96,17 @@ def test_browser_uploads_an_image_and_sees_the_bar_chart(trained_run, digits_dir
             break
         time.sleep(0.1)
     try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(chromium), args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--disable-quic"])
-            page = browser.new_page(viewport={"width": 1000, "height": 900})
+        with browser_page(1000, 900) as page:
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_selector("#explorer table")
             img = sorted((digits_dir / "2_two").glob("*.png"))[0]
             page.set_input_files("#file", str(img))
             page.wait_for_selector("#chart .bar", timeout=30000)
-            bars = page.locator("#chart .bar")
-            assert bars.count() == 5
+            assert page.locator("#chart .bar").count() == 5
             assert page.locator("#verdict b").inner_text() in trained_run.config["labels"]
             width = page.locator("#chart .bar .fill").first.evaluate("e => e.getBoundingClientRect().width")
             assert width > 0
-            out = Path(__file__).parent / "artifacts"
-            out.mkdir(exist_ok=True)
-            page.screenshot(path=str(out / "serve_upload.png"), full_page=True)
-            browser.close()
+            screenshot(page, "serve_upload.png")
     finally:
         server.should_exit = True
         thread.join(timeout=10)
