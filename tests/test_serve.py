@@ -34,6 +34,11 @@ def test_predict_health_labels_and_docs(client, digits_dir):
     assert client.get("/health").json()["status"] == "ok"
     assert len(client.get("/labels").json()["labels"]) == 10
     assert "/predict" in client.get("/openapi.json").json()["paths"]
+    r = client.post("/predict?similar=3", files={"file": ("x.png", img.read_bytes(), "image/png")})
+    sims = r.json()["similar"]
+    assert len(sims) == 3 and sims[0]["similarity"] >= sims[-1]["similarity"]
+    assert client.get(sims[0]["image"]).headers["content-type"] == "image/jpeg"
+    assert client.get("/train-image/999999").status_code == 404
     info = client.get("/info").json()
     assert len(info["classes"]) == 10 and info["classes"][0]["examples"]
     assert client.get(info["classes"][0]["examples"][0]).headers["content-type"] == "image/jpeg"

@@ -81,6 +81,7 @@ class Predictor:
 
     labels: list[str]
     threshold: float | None = None
+    similarity_threshold: float | None = None
     index_dir: Path | None = None
     _index = None
 
@@ -123,11 +124,13 @@ class Predictor:
         ``similar=K`` adds the K nearest training images."""
         sources = expand_inputs(inputs)
         k = max(1, min(top_k, len(self.labels)))
-        index = self.index if similar > 0 else None
+        index = self.index if (similar > 0 or self.similarity_threshold is not None) else None
         for start in range(0, len(sources), batch_size):
             chunk = sources[start:start + batch_size]
             probs, feats, ok, errors = self.predict_batch(chunk, progress=progress and len(sources) > batch_size)
-            neighbours = index.search(feats, similar) if index is not None and feats is not None else None
+            have = index is not None and feats is not None
+            neighbours = index.search(feats, similar) if have and similar > 0 else None
+            unsure = self.not_sure(probs, feats)
             for i, src in enumerate(chunk):
                 name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
                 if not ok[i]:
@@ -135,8 +138,16 @@ class Predictor:
                     continue
                 order = np.argsort(-probs[i])[:k]
                 top = [(self.labels[j], float(probs[i, j])) for j in order]
-                unsure = self.threshold is not None and top[0][1] < self.threshold
-                yield Prediction(name, top, None, unsure, neighbours[i] if neighbours else [])
+                yield Prediction(name, top, None, bool(unsure[i]), neighbours[i] if neighbours else [])
+
+    def not_sure(self, probs: np.ndarray, feats: np.ndarray | None) -> np.ndarray:
+        """The open-set rule of the bundle (see ``evaluate.NOT_SURE_QUANTILE``) for a batch."""
+        from .evaluate import K_NEIGHBOURS, not_sure_mask
+
+        sims = None
+        if self.similarity_threshold is not None and feats is not None and self.index is not None:
+            sims = self.index.knn_similarity(feats, K_NEIGHBOURS)
+        return not_sure_mask(probs, sims, self.threshold, self.similarity_threshold)
 
 
 class Classifier(Predictor):
@@ -167,6 +178,7 @@ class Classifier(Predictor):
         self.head_bias = tensors["head.bias"].numpy()
         self.temperature = float(self.config.get("temperature", 1.0))
         self.threshold = self.config.get("threshold")
+        self.similarity_threshold = self.config.get("similarity_threshold")
         self.index_dir = model_dir
         self._engine_pref = engine
         self._use_cache = use_cache

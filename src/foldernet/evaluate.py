@@ -131,14 +131,14 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
         raise FoldernetError(f"{data} has classes the model does not know: {', '.join(unknown)}. "
                              f"Known: {', '.join(model.labels)}. Rename or remove those folders.")
     index = {c: i for i, c in enumerate(model.labels)}
-    probs, ok, errors = model.predict_proba([it.path for it in ds.items], progress=progress)
+    probs, feats, ok, errors = model.predict_batch([it.path for it in ds.items], progress=progress)
     y = np.array([index[it.label] for it in ds.items])
     metrics = compute_metrics(probs[ok], y[ok], model.labels)
     if ok.any():
         p, yy = probs[ok], y[ok]
         metrics["ece"] = expected_calibration_error(p.max(1), p.argmax(1) == yy)
         if model.threshold is not None:
-            sure = p.max(1) >= model.threshold
+            sure = ~model.not_sure(p, feats[ok] if feats is not None else None)
             metrics["not_sure_rate"] = float(1 - sure.mean())
             metrics["accuracy_when_sure"] = float((p.argmax(1) == yy)[sure].mean()) if sure.any() else float("nan")
         label_map = model.config.get("label_map")
@@ -176,17 +176,41 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 10
              "confidence": float(confidence[idx == b].mean()) if (idx == b).any() else None} for b in range(bins)]
 
 
-# Open set: the "not sure" threshold is the 2.5th percentile of the (calibrated) top-1 confidence of
-# the correctly classified validation images, so about 2.5 % of right answers on known classes turn
-# into "not sure" while low-confidence answers (typical of unseen classes) are flagged.
+# Open set. An answer is "not sure" when its calibrated top-1 confidence is low OR when the image is
+# far from every training image (mean cosine similarity to its K_NEIGHBOURS nearest training
+# embeddings). Each threshold is the NOT_SURE_QUANTILE / 2 quantile of that score over the correctly
+# classified validation images, so about NOT_SURE_QUANTILE of right answers on known classes turn
+# into "not sure". Measured on clothing with two classes held out: confidence alone flags 14 % of
+# unseen-class images, the embedding distance 52 %, both together 57 %, at ~2.2 % of right answers.
 NOT_SURE_QUANTILE = 0.025
+K_NEIGHBOURS = 5
+
+
+def choose_thresholds(probs: np.ndarray, y: np.ndarray, similarity: np.ndarray | None = None,
+                      quantile: float = NOT_SURE_QUANTILE) -> tuple[float | None, float | None]:
+    """(confidence threshold, similarity threshold) from validation scores."""
+    correct = probs.argmax(1) == y
+    if correct.sum() < 5:
+        return None, None
+    q = quantile / 2 if similarity is not None else quantile
+    t_conf = float(np.quantile(probs.max(1)[correct], q))
+    t_sim = float(np.quantile(similarity[correct], q)) if similarity is not None else None
+    return t_conf, t_sim
 
 
 def choose_threshold(probs: np.ndarray, y: np.ndarray, quantile: float = NOT_SURE_QUANTILE) -> float | None:
-    correct = probs.argmax(1) == y
-    if correct.sum() < 5:
-        return None
-    return float(np.quantile(probs.max(1)[correct], quantile))
+    """Confidence-only threshold (when no embedding index is available)."""
+    return choose_thresholds(probs, y, None, quantile)[0]
+
+
+def not_sure_mask(probs: np.ndarray, similarity: np.ndarray | None, threshold: float | None,
+                  similarity_threshold: float | None) -> np.ndarray:
+    mask = np.zeros(len(probs), bool)
+    if threshold is not None:
+        mask |= probs.max(1) < threshold
+    if similarity_threshold is not None and similarity is not None:
+        mask |= similarity < similarity_threshold
+    return mask
 
 
 def read_label_map(path: str | os.PathLike, labels: list[str]) -> dict[str, str]:

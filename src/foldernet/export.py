@@ -128,7 +128,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, int8: b
     export_onnx(_full_model(clf), clf.preprocess.size, tmp, output_names=["probabilities", "features"])
     proto = onnx.load(str(tmp))
     meta = {"labels": clf.labels, "preprocess": clf.preprocess.to_dict(), "temperature": clf.temperature,
-            "threshold": clf.config.get("threshold"), "backbone": clf.config["backbone"],
+            "threshold": clf.config.get("threshold"), "similarity_threshold": clf.config.get("similarity_threshold"),
+            "backbone": clf.config["backbone"],
             "foldernet_version": __version__}
     del proto.metadata_props[:]
     proto.metadata_props.add(key="foldernet", value=json.dumps(meta, ensure_ascii=False))

@@ -46,6 +46,7 @@ class OnnxClassifier(Predictor):
         self.labels: list[str] = info["labels"]
         self.preprocess = Preprocess.from_dict(info["preprocess"])
         self.threshold = info.get("threshold")
+        self.similarity_threshold = info.get("similarity_threshold")
         bundle_dir = path.parent.parent / "model"  # RUN/export/model.onnx -> RUN/model (similar index)
         self.index_dir = bundle_dir if bundle_dir.is_dir() else None
         self.input_name = self.session.get_inputs()[0].name

@@ -76,28 +76,50 @@ class ServedModel:
             clf = OnnxClassifier(onnx_path)
             self.backend = "onnx export"
             self.pixels = clf.pixels
-            self._run = lambda batch: clf.run(batch)["probabilities"]
+
+            def forward(batch):
+                out = clf.run(batch)
+                return out["probabilities"], out.get("features")
         else:
             from .bundle import load
 
             clf = load(self.model_dir)
             self.backend = f"bundle ({clf.extractor.engine.name})"
             self.pixels = clf.extractor.pixels
-            self._run = lambda batch: clf.proba_from_features(clf.extractor.engine(batch))
+
+            def forward(batch):
+                feats = clf.extractor.engine(batch)
+                return clf.proba_from_features(feats), feats
+        self.clf = clf
+        self._forward = forward
         self.labels: list[str] = list(self.config["labels"])
         self.threshold = self.config.get("threshold")
+        self.root = Path(self.config.get("data", {}).get("root", ""))
         metrics_path = self.model_dir / "metrics.json"
         self.metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
         self.examples = self._examples()
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return self._run(batch)
+    def run(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """One model call for a batch -> (probabilities, features) per row."""
+        probs, feats = self._forward(batch)
+        return [(probs[i], feats[i] if feats is not None else None) for i in range(len(probs))]
+
+    def answer(self, probs: np.ndarray, feats: np.ndarray | None, top_k: int, similar: int) -> dict:
+        order = np.argsort(-probs)[:min(top_k, len(self.labels))]
+        top = [{"label": self.labels[i], "probability": round(float(probs[i]), 6)} for i in order]
+        f = feats[None] if feats is not None else None
+        out = {"label": top[0]["label"], "confidence": top[0]["probability"],
+               "not_sure": bool(self.clf.not_sure(probs[None], f)[0]), "top": top, "similar": []}
+        if similar and f is not None and self.clf.index is not None:
+            out["similar"] = [{"label": n.label, "similarity": round(n.similarity, 4), "path": n.path,
+                               "image": f"/train-image/{n.index}"} for n in self.clf.index.search(f, similar)[0]]
+        return out
 
     def _examples(self) -> dict[str, list[int]]:
         """Training image indices per class for the dataset explorer (files addressed by index only)."""
         self.files: list[Path] = []
         out: dict[str, list[int]] = {c: [] for c in self.labels}
-        root = Path(self.config.get("data", {}).get("root", ""))
+        root = self.root
         splits = self.model_dir / "splits.csv"
         if not splits.exists() or not root.is_dir():
             return out
@@ -142,7 +164,7 @@ class MicroBatcher:
                 except asyncio.TimeoutError:
                     break
             try:
-                out = await asyncio.to_thread(self.fn, np.stack([p for p, _ in items]))
+                out = await asyncio.to_thread(self.fn, np.stack([p for p, _ in items]))  # one row per item
                 for (_, fut), row in zip(items, out):
                     if not fut.done():
                         fut.set_result(row)
@@ -221,19 +243,27 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
             return JSONResponse({"error": "example unavailable"}, status_code=404)
         return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
+    @app.get("/train-image/{index}", include_in_schema=False)
+    async def train_image(index: int):
+        index_obj = model.clf.index
+        if index_obj is None or not 0 <= index < len(index_obj.paths):
+            return JSONResponse({"error": "no such training image"}, status_code=404)
+        img = await asyncio.to_thread(_thumbnail, model.root / index_obj.paths[index])
+        if img is None:
+            return JSONResponse({"error": "training image unavailable"}, status_code=404)
+        return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
     @app.post("/predict")
     async def predict(file: UploadFile = File(..., description="an image"),
-                      top_k: int = Query(5, ge=1, le=100)):
+                      top_k: int = Query(5, ge=1, le=100), similar: int = Query(0, ge=0, le=20)):
+        """Top-k labels with probabilities; ``not_sure`` by the bundle's open-set rule; ``similar``
+        nearest training images when asked."""
         data = await file.read(limits.max_bytes + 1)
         if len(data) > limits.max_bytes:
             raise UploadError(413, f"upload is larger than {limits.max_bytes // (1024 * 1024)} MB")
         pixels = await asyncio.to_thread(sniff_and_decode, data, limits, model.pixels)
-        probs = await batcher.submit(pixels)
-        order = np.argsort(-probs)[:min(top_k, len(model.labels))]
-        top = [{"label": model.labels[i], "probability": round(float(probs[i]), 6)} for i in order]
-        best = top[0]["probability"]
-        not_sure = model.threshold is not None and best < float(model.threshold)
-        return {"label": top[0]["label"], "confidence": best, "not_sure": not_sure, "top": top}
+        probs, feats = await batcher.submit(pixels)
+        return await asyncio.to_thread(model.answer, probs, feats, top_k, similar)
 
     return app
 
@@ -275,6 +305,8 @@ PAGE = """<!doctype html>
  #verdict{font-size:18px;margin:4px 0 8px} .unsure{color:#b5651d;font-weight:600}
  #error{color:#b00020} table{border-collapse:collapse;width:100%;font-size:14px}
  th,td{padding:4px 6px;border-bottom:1px solid #eee;text-align:left} td.num{text-align:right}
+ #similar{display:flex;gap:8px;flex-wrap:wrap;margin-top:10px} #similar p{flex-basis:100%;margin:4px 0}
+ #similar figure{margin:0;font-size:12px;text-align:center} #similar img{width:72px;height:72px;object-fit:cover;border-radius:4px}
  .thumbs img{width:48px;height:48px;object-fit:cover;border-radius:4px;margin-right:3px}
  button,label.btn{background:#1d3557;color:#fff;border:0;border-radius:6px;padding:8px 12px;cursor:pointer;font-size:14px}
 </style></head>
@@ -305,7 +337,7 @@ async function send(file){
   const url = URL.createObjectURL(file); const img=$('preview'); img.src=url; img.style.display='block';
   const body = new FormData(); body.append('file', file);
   try{
-    const r = await fetch('/predict?top_k=5', {method:'POST', body});
+    const r = await fetch('/predict?top_k=5&similar=4', {method:'POST', body});
     const j = await r.json();
     if(!r.ok){ $('chart').innerHTML=''; $('error').textContent=j.error||('error '+r.status); return; }
     let html = '<div id="verdict">' + (j.not_sure ? '<span class="unsure">not sure</span> — best guess: ' : '')
@@ -314,6 +346,10 @@ async function send(file){
       html += '<div class="bar'+(i===0?' top':'')+'"><span class="name" title="'+esc(t.label)+'">'+esc(t.label)+'</span>'
         + '<span class="track"><span class="fill" style="display:block;width:'+(100*t.probability).toFixed(1)+'%"></span></span>'
         + '<span class="val">'+pct(t.probability)+'</span></div>';
+    }
+    if(j.similar && j.similar.length){
+      html += '<div id="similar"><p>Most similar training images:</p>' + j.similar.map(n =>
+        '<figure><img alt="" src="'+n.image+'"><figcaption>'+esc(n.label)+' '+n.similarity.toFixed(2)+'</figcaption></figure>').join('') + '</div>';
     }
     $('chart').innerHTML = html;
   }catch(e){ $('chart').innerHTML=''; $('error').textContent='request failed: '+e; }

@@ -33,11 +33,23 @@ def save_index(model_dir: str | os.PathLike, vectors: np.ndarray, paths: list[st
     atomic_write_json(model_dir / INDEX_META, {"paths": paths, "labels": labels})
 
 
+def knn_similarity(unit_index: np.ndarray, vectors: np.ndarray, k: int = 5, block: int = 1024) -> np.ndarray:
+    """Mean of the top-``k`` cosine similarities of each vector against unit-length ``unit_index`` rows."""
+    q = _unit(np.atleast_2d(vectors).astype(np.float32))
+    k = max(1, min(k, len(unit_index)))
+    out = np.empty(len(q), np.float32)
+    for i in range(0, len(q), block):
+        sims = q[i:i + block] @ unit_index.T
+        out[i:i + block] = np.partition(sims, -k, axis=1)[:, -k:].mean(1)
+    return out
+
+
 @dataclass
 class Neighbour:
     path: str
     label: str
     similarity: float
+    index: int = -1  # row in the index (the server addresses training images by it, never by path)
 
 
 class SimilarIndex:
@@ -53,8 +65,13 @@ class SimilarIndex:
     def exists(model_dir: str | os.PathLike) -> bool:
         return (Path(model_dir) / INDEX_FILE).is_file()
 
+    def knn_similarity(self, vectors: np.ndarray, k: int = 5) -> np.ndarray:
+        """Mean cosine similarity to the ``k`` nearest training images: low means unlike anything seen."""
+        return knn_similarity(self.embeddings, vectors, k)
+
     def search(self, vectors: np.ndarray, k: int = 5) -> list[list[Neighbour]]:
         sims = _unit(np.atleast_2d(vectors).astype(np.float32)) @ self.embeddings.T
         k = min(k, sims.shape[1])
         top = np.argsort(-sims, axis=1)[:, :k]
-        return [[Neighbour(self.paths[j], self.labels[j], float(s[j])) for j in row] for row, s in zip(top, sims)]
+        return [[Neighbour(self.paths[j], self.labels[j], float(s[j]), int(j)) for j in row]
+                for row, s in zip(top, sims)]

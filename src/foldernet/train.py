@@ -18,15 +18,16 @@ from rich.text import Text
 from .bundle import save_bundle
 from .data import Dataset, scan
 from .errors import FoldernetError
-from .evaluate import (NOT_SURE_QUANTILE, choose_threshold, coarse_probs, compute_metrics,
-                       expected_calibration_error, plot_confusion_matrix, read_label_map, reliability_bins)
+from .evaluate import (K_NEIGHBOURS, NOT_SURE_QUANTILE, choose_thresholds, coarse_probs, compute_metrics,
+                       expected_calibration_error, not_sure_mask, plot_confusion_matrix, read_label_map,
+                       reliability_bins)
 from .features import FeatureExtractor, softmax
 from .io import atomic_write_json, atomic_write_text, staged_dir
 from .models import DEFAULT_BACKBONE, create_backbone, state_digest
 from .preprocess import Preprocess
 from .progress import console, progress_bar
 from .fingerprint import is_low_information
-from .similar import save_index
+from .similar import knn_similarity, save_index
 from .split import apply_grouping, resolve_splits, split_counts, write_splits_csv
 
 log = logging.getLogger("foldernet")
@@ -257,9 +258,12 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         timings["train_head"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        threshold = None
+        threshold = sim_threshold = None
+        train_unit = feats.vectors[sel["train"]] / np.maximum(
+            np.linalg.norm(feats.vectors[sel["train"]], axis=1, keepdims=True), 1e-12)
         if xv is not None:
-            threshold = choose_threshold(softmax((xv @ weight.T + bias) / temperature), yv)
+            threshold, sim_threshold = choose_thresholds(softmax((xv @ weight.T + bias) / temperature), yv,
+                                                         knn_similarity(train_unit, xv, K_NEIGHBOURS))
         metrics: dict = {"splits": {}, "coarse": {}}
         pred_rows: list[dict] = []
         for s in ("val", "test"):
@@ -275,7 +279,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
             m["reliability"] = reliability_bins(probs.max(1), correct)
             m["reliability_uncalibrated"] = reliability_bins(raw.max(1), raw.argmax(1) == ys)
             if threshold is not None:
-                sure = probs.max(1) >= threshold
+                sure = ~not_sure_mask(probs, knn_similarity(train_unit, feats.vectors[sel[s]], K_NEIGHBOURS),
+                                      threshold, sim_threshold)
                 m["not_sure_rate"] = float(1 - sure.mean())
                 m["accuracy_when_sure"] = float(correct[sure].mean()) if sure.any() else float("nan")
             metrics["splits"][s] = m
@@ -311,7 +316,10 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
             "preprocess": pre.to_dict(),
             "temperature": temperature,
             "threshold": threshold,
-            "threshold_rule": f"{NOT_SURE_QUANTILE:.1%} quantile of the calibrated top-1 confidence of correctly "
+            "similarity_threshold": sim_threshold,
+            "threshold_rule": f"not sure when the calibrated top-1 confidence < threshold or the mean cosine "
+                              f"similarity to the {K_NEIGHBOURS} nearest training images < similarity_threshold; "
+                              f"each is the {NOT_SURE_QUANTILE / 2:.2%} quantile of that score over correctly "
                               "classified validation images",
             "label_map": label_map,
             "seed": seed,
