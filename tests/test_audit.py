@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 import foldernet
-from foldernet.audit import audit, files_to_fix, quarantine, restore
+from foldernet.audit import audit, files_to_fix, restore
 from foldernet.errors import FoldernetError
 
 

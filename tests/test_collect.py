@@ -97,7 +97,7 @@ def test_collect_downloads_checks_dedups_and_resumes(server, tmp_path):
         for path, label, group in rows:
             w.writerow([server + path, label, group])
     out = tmp_path / "data"
-    r = collect(lst, out, workers=4, timeout=0.5, retries=2, max_mb=1, progress=False, backoff=0.05)
+    collect(lst, out, workers=4, timeout=0.5, retries=2, max_mb=1, progress=False, backoff=0.05)
     log = {row["url"].replace(server, ""): row for row in csv.DictReader(open(out / "collect_log.csv"))}
     assert log["/good/1.jpg"]["status"] == "ok"
     assert log["/copy-of-1.jpg"]["status"] == "duplicate"

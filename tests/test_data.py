@@ -81,7 +81,7 @@ def test_scan_skips_and_reports_bad_files_and_odd_classes(tmp_path):
     assert any("'empty'" in w and "no usable images" in w for w in ds.warnings)
     assert any("'solo'" in w and "only 1 image" in w for w in ds.warnings)
     # the truncated JPEG passes the header check but cannot be decoded
-    with pytest.raises(Exception):
+    with pytest.raises(OSError):
         open_image(data / "cats" / "truncated.jpg")
 
 

@@ -2,7 +2,6 @@
 
 import csv
 import io
-import json
 
 import numpy as np
 from PIL import Image, ImageOps

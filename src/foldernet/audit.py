@@ -25,9 +25,7 @@ thousands of images.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import os
 import shutil
@@ -37,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, Dataset, scan
-from .errors import FoldernetError
+from .data import IMAGE_EXTENSIONS, Dataset, scan, thumbnail_data_uri
 from .fingerprint import hash_matrix, is_low_information
 from .io import atomic_write_json, atomic_write_text
 from .progress import console
@@ -348,19 +345,6 @@ def restore(manifest: str | os.PathLike) -> int:
 
 # ------------------------------------------------------------------------------------------ HTML
 
-def _thumb_uri(path: Path, size: int = 112) -> str:
-    from .data import open_image
-
-    try:
-        img = open_image(path, draft_size=size)
-        img.thumbnail((size, size))
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=75)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-    except Exception:  # noqa: BLE001 - an unreadable file gets no thumbnail, just its name
-        return ""
-
-
 TITLES = {"unreadable": "Unreadable files", "wrong_type": "Content does not match the extension",
           "tiny": "Tiny images", "extreme_aspect": "Extreme aspect ratio", "low_information":
           "Flat, placeholder-like images", "unusual_type": "Unusual file type for the class",
@@ -378,7 +362,7 @@ def render_html(report: dict, ds: Dataset, max_thumbs: int = 400) -> str:
         if budget[0] <= 0:
             return f"<figure><figcaption>{html.escape(rel)}</figcaption></figure>"
         budget[0] -= 1
-        uri = _thumb_uri(root / rel)
+        uri = thumbnail_data_uri(root / rel, 112)
         img = f'<img src="{uri}" alt="">' if uri else '<div class="noimg">no preview</div>'
         return f"<figure>{img}<figcaption>{html.escape(rel)}</figcaption></figure>"
 

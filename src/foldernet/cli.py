@@ -54,12 +54,17 @@ def train(
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="run folder to create"),
     backbone: str = typer.Option("tf_efficientnet_lite0", help="any timm model name"),
     weights: Optional[Path] = typer.Option(None, help="local weights file (.safetensors or state_dict)"),
-    mode: str = typer.Option("head", help="head: frozen backbone features + linear head"),
+    mode: str = typer.Option("head", help="head: frozen backbone + linear head (fast); finetune: then the whole "
+                             "network with progressive unfreezing"),
     val: float = typer.Option(0.15, help="validation fraction (when DATA has no split folders)"),
     test: float = typer.Option(0.15, help="test fraction (when DATA has no split folders)"),
     seed: int = typer.Option(0),
     balance: str = typer.Option("auto", help="auto | off | weights | sampler"),
-    epochs: int = typer.Option(200, help="maximum epochs (early stopping on validation)"),
+    epochs: Optional[int] = typer.Option(None, help="finetune: epochs (default 6); head: max epochs (default 200)"),
+    augment: str = typer.Option("light", help="training augmentation for finetune: none | light | strong"),
+    img_size: Optional[int] = typer.Option(None, help="input size (default: the backbone's)"),
+    batch_size: int = typer.Option(32, help="finetune batch size"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted finetune run"),
     splits: Optional[Path] = typer.Option(None, help="splits.csv to reuse (default: DATA/splits.csv if present)"),
     label_regex: Optional[str] = typer.Option(None, help="label from a regex group on the relative path"),
     group_by: Optional[str] = typer.Option(None, help="near-duplicates | regex:PATTERN | csv:FILE (kept on one side)"),
@@ -75,7 +80,9 @@ def train(
     from .train import train as _train
 
     result = _train(data, out, backbone=backbone, weights=weights, mode=mode, val=val, test=test, seed=seed,
-                    balance=balance, max_epochs=epochs, force=force, splits=splits, engine=engine,
+                    balance=balance, max_epochs=epochs if (epochs and mode == "head") else 200, force=force,
+                    epochs=epochs if mode != "head" or backbone == "scratch" else None, augment=augment,
+                    img_size=img_size, batch_size=batch_size, resume=resume, splits=splits, engine=engine,
                     use_cache=not no_cache, label_regex=label_regex,
                     group_by=group_by or (f"regex:{group_regex}" if group_regex else None),
                     allow_leakage=allow_leakage, keep_placeholders=keep_placeholders, label_map_file=label_map)
@@ -277,6 +284,27 @@ def similar(
             stdout.print("  skipped: unreadable image")
         for n in hits:
             stdout.print(f"  {n.similarity:.4f}  {n.label}  {n.path}")
+
+
+@app.command()
+def compare(
+    data: Path = typer.Argument(..., help="DATA/<class>/<images>"),
+    backbones: str = typer.Option("tf_efficientnet_lite0,scratch", help="comma-separated timm names (or scratch)"),
+    modes: str = typer.Option("head", help="comma-separated: head, finetune"),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o"),
+    epochs: Optional[int] = typer.Option(None, help="finetune/scratch epochs"),
+    img_size: Optional[int] = typer.Option(None, help="input size for every model"),
+    force: bool = typer.Option(False, "--force", help="replace an existing comparison folder"),
+) -> None:
+    """Train several backbones/modes on the same split; write a leaderboard (Markdown, CSV, PNG)."""
+    from .compare import compare as _compare
+
+    rows = _compare(data, out, [b.strip() for b in backbones.split(",") if b.strip()],
+                    [m.strip() for m in modes.split(",") if m.strip()], force=force, epochs=epochs, img_size=img_size)
+    stdout.print((out / "leaderboard.md").read_text(encoding="utf-8"))
+    stdout.print(f"leaderboard: {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'leaderboard.png'}")
+    if not any("accuracy" in r for r in rows):
+        raise FoldernetError("no model could be trained; see the messages above")
 
 
 @app.command()

@@ -261,3 +261,23 @@ def open_image(source: str | os.PathLike | bytes, draft_size: int | None = None)
         img.load()
     img = ImageOps.exif_transpose(img) or img
     return to_rgb(img)
+
+
+def thumbnail_jpeg(path: str | os.PathLike, size: int = 120, quality: int = 80) -> bytes | None:
+    """A small JPEG of an image for pages and reports; None when the file cannot be read."""
+    try:
+        img = open_image(path, draft_size=size)
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality)
+        return buf.getvalue()
+    except Exception:  # noqa: BLE001 - a moved or unreadable file just has no thumbnail
+        return None
+
+
+def thumbnail_data_uri(path: str | os.PathLike, size: int = 120) -> str:
+    """The thumbnail as a data: URI (empty string when unreadable), for self-contained HTML."""
+    import base64
+
+    data = thumbnail_jpeg(path, size)
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode() if data else ""

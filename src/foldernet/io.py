@@ -70,19 +70,34 @@ def check_new_output(out: str | os.PathLike, force: bool) -> Path:
 
 
 @contextlib.contextmanager
-def staged_dir(out: str | os.PathLike, force: bool = False):
+def staged_dir(out: str | os.PathLike, force: bool = False, partial: bool = False, resume: bool = False):
     """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
 
-    A crash leaves ``out`` as it was (plus a ``.out.tmp-*`` folder), never a half-written run.
+    A crash leaves ``out`` as it was, never a half-written run. With ``partial`` the folder is
+    ``.OUT.partial`` and survives a crash (it holds checkpoints), so ``resume`` can continue it.
     """
-    out = check_new_output(out, force)
+    out = Path(out).expanduser()
+    if not resume:
+        out = check_new_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if partial:
+        tmp = out.parent / f".{out.name}.partial"
+        if tmp.exists() and not resume:
+            if not force:
+                raise FoldernetError(f"an interrupted run of {out} exists in {tmp}. Pass --resume to continue it, "
+                                     "or --force to start over.")
+            shutil.rmtree(tmp)
+        if resume and not tmp.exists():
+            raise FoldernetError(f"nothing to resume: {tmp} does not exist (start the run without --resume)")
+        tmp.mkdir(exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not partial:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
     if out.exists():

@@ -129,6 +129,15 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | N
     """
     import timm
 
+    if name == "scratch":
+        from .scratch import create_scratch_model, scratch_data_config
+
+        model = create_scratch_model()
+        if weights is not None:
+            _load_strict(model, load_state_file(weights), str(weights))
+        return Backbone(name=name, model=model, weights_source="random init" if weights is None else
+                        f"file:{Path(weights).name}", num_features=model.num_features,
+                        data_config=scratch_data_config())
     try:
         model = timm.create_model(name, pretrained=False)
     except RuntimeError as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import thumbnail_data_uri
 from .evaluate import most_confused
 from .io import atomic_write_text
 
@@ -44,13 +45,16 @@ def curves_png(history: list[dict]) -> str | None:
     plt = _plt()
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, ax in (("loss", a), ("acc", b)):
+    for key, ax, title in (("loss", a, "loss"), ("acc", b, "accuracy / macro-F1")):
         for split in ("train", "val"):
             vals = [h.get(f"{split}_{key}") for h in history]
             if any(v is not None for v in vals):
-                ax.plot(epochs, vals, label=split)
+                ax.plot(epochs, vals, label=f"{split} {key}", marker="o" if len(epochs) < 20 else None)
+        if key == "acc" and any(h.get("val_macro_f1") is not None for h in history):
+            ax.plot(epochs, [h.get("val_macro_f1") for h in history], label="val macro-F1",
+                    marker="o" if len(epochs) < 20 else None)
         ax.set_xlabel("epoch")
-        ax.set_title("loss" if key == "loss" else "accuracy")
+        ax.set_title(title)
         ax.legend()
         ax.grid(alpha=0.3)
     return _png(fig)
@@ -75,19 +79,6 @@ def reliability_png(m: dict) -> str | None:
         ax.set_title(f"{name}: ECE {m[ece_key]:.3f}")
         ax.legend(loc="upper left")
     return _png(fig)
-
-
-def _thumb(path: Path, size: int = 120) -> str:
-    from .data import open_image
-
-    try:
-        img = open_image(path, draft_size=size)
-        img.thumbnail((size, size))
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=80)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-    except Exception:  # noqa: BLE001 - a moved or unreadable file just has no thumbnail
-        return ""
 
 
 def _pct(x) -> str:
@@ -176,7 +167,7 @@ def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = N
             wrong = [r for r in csv.DictReader(f) if r["split"] == split and r["label"] != r["predicted"]]
         wrong.sort(key=lambda r: -float(r["confidence"]))
         for r in wrong[:max_gallery]:
-            uri = _thumb(root / r["path"])
+            uri = thumbnail_data_uri(root / r["path"])
             img = f"<img src='{uri}' alt=''>" if uri else "<div class='noimg'>no preview</div>"
             gallery.append(f"<figure>{img}<figcaption><b>{e(r['predicted'])}</b> {_pct(float(r['confidence']))}"
                            f"<br>true: {e(r['label'])}<br><small>{e(r['path'])}</small></figcaption></figure>")

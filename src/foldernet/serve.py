@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .bundle import find_model_dir
-from .data import open_image
+from .data import thumbnail_jpeg
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO"}
 
@@ -238,7 +238,7 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
     async def example(index: int):
         if not 0 <= index < len(model.files):
             return JSONResponse({"error": "no such example"}, status_code=404)
-        img = await asyncio.to_thread(_thumbnail, model.files[index])
+        img = await asyncio.to_thread(thumbnail_jpeg, model.files[index])
         if img is None:
             return JSONResponse({"error": "example unavailable"}, status_code=404)
         return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
@@ -248,7 +248,7 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
         index_obj = model.clf.index
         if index_obj is None or not 0 <= index < len(index_obj.paths):
             return JSONResponse({"error": "no such training image"}, status_code=404)
-        img = await asyncio.to_thread(_thumbnail, model.root / index_obj.paths[index])
+        img = await asyncio.to_thread(thumbnail_jpeg, model.root / index_obj.paths[index])
         if img is None:
             return JSONResponse({"error": "training image unavailable"}, status_code=404)
         return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
@@ -266,17 +266,6 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
         return await asyncio.to_thread(model.answer, probs, feats, top_k, similar)
 
     return app
-
-
-def _thumbnail(path: Path, size: int = 128) -> bytes | None:
-    try:
-        img = open_image(path, draft_size=size)
-        img.thumbnail((size, size))
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=80)
-        return buf.getvalue()
-    except Exception:  # noqa: BLE001 - a missing example is not an error for the page
-        return None
 
 
 def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:

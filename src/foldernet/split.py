@@ -49,7 +49,7 @@ def _hash_split(items: list[Item], val: float, test: float, seed: int) -> None:
         it.split = "test" if u < test else "val" if u < test + val else "train"
         by_class[it.label].append(it)
     # Small classes: make sure val/test get a member when the class can spare one (n >= 3).
-    for label, members in by_class.items():
+    for members in by_class.values():
         for split, frac in (("val", val), ("test", test)):
             if frac <= 0 or any(m.split == split for m in members):
                 continue

@@ -22,7 +22,7 @@ from .evaluate import (K_NEIGHBOURS, NOT_SURE_QUANTILE, choose_thresholds, coars
                        expected_calibration_error, not_sure_mask, plot_confusion_matrix, read_label_map,
                        reliability_bins)
 from .features import FeatureExtractor, softmax
-from .io import atomic_write_json, atomic_write_text, staged_dir
+from .io import atomic_write_bytes, atomic_write_text, staged_dir
 from .models import DEFAULT_BACKBONE, create_backbone, state_digest
 from .preprocess import Preprocess
 from .progress import console, progress_bar
@@ -46,7 +46,7 @@ class TrainResult:
         return self.run_dir / "model"
 
 
-LEAKAGE_TOLERANCE = 0.01  # fraction of val+test images that may duplicate train before train stops
+LEAKAGE_TOLERANCE = 0.02  # fraction of val+test images that may duplicate train before train stops
 
 
 def check_leakage(ds: Dataset, feats) -> list[tuple[str, str]]:
@@ -164,7 +164,9 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
           force: bool = False, splits: str | os.PathLike | None = None, engine: str = "onnx",
           use_cache: bool = True, progress: bool = True, label_regex: str | None = None,
           group_by: str | None = None, allow_leakage: bool = False, keep_placeholders: bool = False,
-          label_map_file: str | os.PathLike | None = None, report: bool = True) -> TrainResult:
+          label_map_file: str | os.PathLike | None = None, report: bool = True, epochs: int | None = None,
+          augment: str = "light", img_size: int | None = None, batch_size: int = 32, finetune_lr: float = 1e-4,
+          resume: bool = False, workers: int = 0) -> TrainResult:
     """Train a classifier on ``data`` (class folders) and write a bundle to ``out/model``.
 
     ``splits``: a ``splits.csv`` (path,label,split) to reuse; by default ``DATA/splits.csv`` is used
@@ -173,14 +175,29 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
     Before training, val/test are checked against train for exact and near duplicates; above
     ``LEAKAGE_TOLERANCE`` of held-out files it stops and names them (``allow_leakage`` overrides).
     Flat placeholder-like images ("image not found") are skipped unless ``keep_placeholders``.
+
+    ``mode="finetune"`` then trains the whole network (see ``finetune.py``) for ``epochs`` epochs
+    with ``augment`` (none|light|strong); ``backbone="scratch"`` trains the small CNN from random
+    weights. Fine-tuning checkpoints every epoch into ``.OUT.partial/``; ``resume=True`` continues.
     """
-    if mode != "head":
-        raise FoldernetError(f"mode '{mode}' is not available yet; use --mode head")
+    from .finetune import AUGMENT_PRESETS
+
+    if backbone == "scratch":
+        mode = "finetune"  # nothing pretrained to freeze: train end to end
+    if mode not in ("head", "finetune"):
+        raise FoldernetError(f"--mode must be head or finetune (got {mode!r})")
+    if augment not in AUGMENT_PRESETS:
+        raise FoldernetError(f"--augment must be one of {', '.join(AUGMENT_PRESETS)} (got {augment!r})")
     if balance not in ("auto", "off", "weights", "sampler"):
         raise FoldernetError(f"--balance must be auto, off, weights or sampler (got {balance!r})")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    with staged_dir(out, force=force) as tmp:
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 writes the run
+    final_out = out
+    if rank > 0:
+        out = Path(out).parent / f".{Path(out).name}.rank{rank}"
+        resume, force = False, True
+    with staged_dir(out, force=force, partial=mode == "finetune", resume=resume) as tmp:
         ds = scan(data, label_regex=label_regex)
         for w in ds.warnings:
             console.print(Text("warning: ", style="yellow") + Text(w))
@@ -193,6 +210,10 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         t = time.perf_counter()
         bb = create_backbone(backbone, weights=weights)
         pre = Preprocess.from_timm(bb.data_config)
+        if img_size:
+            from dataclasses import replace
+
+            pre = replace(pre, size=int(img_size))
         digest = state_digest(bb.model)
         extractor = FeatureExtractor(bb.model, pre, digest, backbone, engine=engine, use_cache=use_cache)
         timings["load_backbone"] = time.perf_counter() - t
@@ -248,14 +269,41 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
             console.print(f"class imbalance ratio {ratio:.1f}: using class-weighted loss")
 
         t = time.perf_counter()
+        pretrained = bb.weights_source != "random init"
         xv, yv = (feats.vectors[sel["val"]], y[sel["val"]]) if sel["val"].any() else (None, None)
-        weight, bias, history = train_head(feats.vectors[sel["train"]], y[sel["train"]], xv, yv, len(labels),
-                                           class_weights=cw, seed=seed, max_epochs=max_epochs,
-                                           patience=patience, lr=lr, progress=progress)
+        weight = bias = None
+        history: list[dict] = []
+        if pretrained:
+            weight, bias, history = train_head(feats.vectors[sel["train"]], y[sel["train"]], xv, yv, len(labels),
+                                               class_weights=cw, seed=seed, max_epochs=max_epochs,
+                                               patience=patience, lr=lr, progress=progress)
+        timings["train_head"] = time.perf_counter() - t
+        head_history = history
+        if mode == "finetune":
+            from .finetune import FinetuneConfig, finetune
+
+            t = time.perf_counter()
+            ft_balance = "sampler" if balance == "sampler" else "weights" if use_weights else "off"
+            cfg_ft = FinetuneConfig(epochs=epochs or 6, lr=finetune_lr, batch_size=batch_size, augment=augment,
+                                    balance=ft_balance, class_weights=cw.tolist() if cw is not None else None,
+                                    seed=seed, workers=workers)
+            tr, va = np.flatnonzero(sel["train"]), np.flatnonzero(sel["val"])
+            model, weight, bias, history = finetune(
+                bb.model, weight, bias, [ds.items[i].path for i in tr], y[tr], [ds.items[i].path for i in va], y[va],
+                pre, len(labels), int(bb.num_features), cfg_ft, tmp / "checkpoint", resume=resume,
+                progress=progress, pretrained=pretrained)
+            bb.model = model.eval()
+            timings["finetune"] = time.perf_counter() - t
+            t = time.perf_counter()
+            extractor = FeatureExtractor(bb.model, pre, state_digest(bb.model), backbone, engine=engine,
+                                         use_cache=use_cache)
+            tuned = extractor([it.path for it in ds.items], desc="features (fine-tuned)", progress=progress)
+            feats.vectors = tuned.vectors
+            timings["features_finetuned"] = time.perf_counter() - t
+            xv = feats.vectors[sel["val"]] if sel["val"].any() else None
         temperature = 1.0
         if xv is not None:
             temperature = fit_temperature(xv @ weight.T + bias, yv)
-        timings["train_head"] = time.perf_counter() - t
 
         t = time.perf_counter()
         threshold = sim_threshold = None
@@ -299,6 +347,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         report_split = "test" if "test" in metrics["splits"] else "val" if "val" in metrics["splits"] else None
         metrics["reported_split"] = report_split
         metrics["history"] = history
+        if mode == "finetune":
+            metrics["head_history"] = head_history
         metrics["skipped"] = skipped
         if report_split:
             plot_confusion_matrix(metrics["splits"][report_split], tmp / "confusion_matrix.png",
@@ -332,7 +382,10 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
                      "counts": {s: v for s, v in split_counts([it for it, k in zip(ds.items, ok) if k],
                                                                labels).items()},
                      "skipped": len(skipped)},
-            "training": {"max_epochs": max_epochs, "epochs_run": len(history), "patience": patience, "lr": lr},
+            "training": {"max_epochs": max_epochs, "epochs_run": len(history), "patience": patience, "lr": lr,
+                         **({"finetune": {"epochs": epochs or 6, "lr": finetune_lr, "augment": augment,
+                                          "batch_size": batch_size, "layer_decay": 0.85,
+                                          "label_smoothing": 0.1}} if mode == "finetune" else {})},
             "engine": extractor.engine.name,
             "metrics": {"split": report_split, **summary},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -347,12 +400,18 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
                    [ds.items[i].label for i in train_rows])
         _write_rows(pred_rows, tmp / "predictions.csv")
         _write_history(history, tmp / "history.csv")
+        write_curves(history, tmp)
         if report:
             from .report import write_report
 
             write_report(tmp, data_root=ds.root, title=Path(out).name)
         if skipped:
             _write_skipped(skipped, tmp / "skipped.csv")
+    if rank > 0:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        out = final_out
     return TrainResult(run_dir=Path(out), metrics=metrics, timings=timings, config=config, skipped=skipped)
 
 
@@ -363,6 +422,27 @@ def _write_history(history: list[dict], path: Path) -> None:
     w.writeheader()
     w.writerows(history)
     atomic_write_text(path, buf.getvalue())
+
+
+def write_curves(history: list[dict], run: Path) -> None:
+    """Training curves as PNG and, when tensorboard is installed, as TensorBoard event files."""
+    from .report import curves_png
+
+    uri = curves_png(history)
+    if uri:
+        import base64
+
+        atomic_write_bytes(run / "curves.png", base64.b64decode(uri.split(",", 1)[1]))
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # noqa: BLE001 - tensorboard is optional
+        return
+    writer = SummaryWriter(log_dir=str(run / "tensorboard"))
+    for row in history:
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                writer.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
+    writer.close()
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:

@@ -1,0 +1,123 @@
+"""Fine-tuning, the scratch baseline, class imbalance, resume after SIGKILL, compare and DDP.
+
+Small and quick: digits at 32 px, a few epochs, torch engine (no ONNX export per fine-tuned model).
+At 32 px ImageNet features are weak, which is where adapting the backbone pays."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import foldernet
+
+SMALL = dict(img_size=32, engine="torch", progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_digits(tmp_path_factory):
+    from foldernet.demo import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("ft") / "data", per_class=60, seed=3, size=32)
+
+
+def test_finetune_improves_over_head(small_digits, tmp_path):
+    head = foldernet.train(small_digits, out=tmp_path / "head", **SMALL)
+    tuned = foldernet.train(small_digits, out=tmp_path / "ft", mode="finetune", epochs=6, **SMALL)
+    f1_head = head.metrics["splits"]["val"]["macro_f1"]
+    f1_tuned = tuned.metrics["splits"]["val"]["macro_f1"]
+    assert f1_tuned >= f1_head + 0.02, (f1_head, f1_tuned)
+    acc_head, acc_tuned = head.metrics["splits"]["test"]["accuracy"], tuned.metrics["splits"]["test"]["accuracy"]
+    assert acc_tuned >= acc_head, (acc_head, acc_tuned)
+    assert tuned.config["training"]["finetune"]["augment"] == "light"
+    stages = [row["stage"] for row in tuned.metrics["history"]]
+    assert stages[0] == 1 and stages[-1] == 2  # progressive unfreezing happened
+    assert (tmp_path / "ft" / "curves.png").exists()
+    assert list((tmp_path / "ft" / "tensorboard").glob("events.out.tfevents.*"))
+    # the fine-tuned bundle predicts like it evaluated
+    model = foldernet.load(tmp_path / "ft", engine="torch")
+    assert model.predict(sorted((small_digits / "1_one").glob("*.png"))[:1])[0].label
+
+
+def test_scratch_cnn_trains_from_random_weights(small_digits, tmp_path):
+    result = foldernet.train(small_digits, out=tmp_path / "scratch", backbone="scratch", epochs=8, **SMALL)
+    assert result.config["weights_source"] == "random init" and result.config["mode"] == "finetune"
+    assert result.metrics["splits"]["val"]["accuracy"] > 0.3  # chance is 0.1
+
+
+def test_class_weights_engage_on_an_imbalanced_folder(small_digits, tmp_path, capfd):
+    data = tmp_path / "imb"
+    for i, cls in enumerate(sorted(p.name for p in small_digits.iterdir())[:3]):
+        (data / cls).mkdir(parents=True)
+        for f in sorted((small_digits / cls).glob("*.png"))[: (40 if i == 0 else 8)]:
+            shutil.copy(f, data / cls / f.name)
+    result = foldernet.train(data, out=tmp_path / "run", progress=False, val=0.25, test=0.25)
+    bal = result.config["balance"]
+    assert bal["imbalance_ratio"] > 3 and bal["class_weights"] is not None
+    assert bal["class_weights"][0] < bal["class_weights"][1]
+    assert "class-weighted loss" in capfd.readouterr().err
+    off = foldernet.train(data, out=tmp_path / "off", progress=False, val=0.25, test=0.25, balance="off")
+    assert off.config["balance"]["class_weights"] is None
+
+
+def _train_cmd(data, out, *extra):
+    return [sys.executable, "-m", "foldernet", "train", str(data), "--out", str(out), "--mode", "finetune",
+            "--epochs", "4", "--img-size", "32", "--engine", "torch", *extra]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(small_digits, tmp_path):
+    ref = foldernet.train(small_digits, out=tmp_path / "ref", mode="finetune", epochs=4, **SMALL)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(small_digits, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / ".killed.partial" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # never a half-written, loadable bundle
+    with pytest.raises(foldernet.FoldernetError, match="--resume"):
+        foldernet.train(small_digits, out=out, mode="finetune", epochs=4, **SMALL)
+    done = subprocess.run(_train_cmd(small_digits, out, "--resume"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming after epoch" in done.stderr
+    got = json.loads((out / "model" / "metrics.json").read_text())
+    want = ref.metrics
+    assert len(got["history"]) == len(want["history"])
+    assert got["history"][-1]["val_macro_f1"] == pytest.approx(want["history"][-1]["val_macro_f1"], abs=0.05)
+    assert got["splits"]["test"]["accuracy"] == pytest.approx(want["splits"]["test"]["accuracy"], abs=0.1)
+
+
+def test_compare_writes_a_leaderboard(small_digits, tmp_path):
+    from foldernet.compare import compare
+
+    rows = compare(small_digits, tmp_path / "cmp", ["tf_efficientnet_lite0", "scratch"], ["head"], epochs=2,
+                   img_size=32, engine="torch", progress=False)
+    assert {r["model"] for r in rows} == {"tf_efficientnet_lite0-head", "scratch-finetune"}
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 100
+    assert all(r["latency_ms"] > 0 and r["model_mb"] > 0 for r in rows)
+    assert rows[0]["accuracy"] >= rows[1]["accuracy"]  # sorted best first
+
+
+def test_ddp_with_two_gloo_processes(small_digits, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not found next to the interpreter")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--standalone",
+                           "-m", "foldernet", "train", str(small_digits), "--out", str(tmp_path / "ddp"),
+                           "--mode", "finetune", "--epochs", "2", "--img-size", "32", "--engine", "torch"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "model" / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2 and metrics["splits"]["val"]["accuracy"] > 0.2
+    assert not list(tmp_path.glob(".ddp.rank*"))
