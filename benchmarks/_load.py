@@ -96,6 +96,8 @@ def run_load(port: int, payloads: list[tuple[str, bytes, bool]], clients: int, s
         "bad_answered_4xx": sum(1 for r in bad if 400 <= r[1] < 500),
         "status_counts": {str(k): v for k, v in sorted(codes.items())},
         "rss_start_mb": round(mem[0], 1), "rss_end_mb": round(mem[-1], 1), "rss_peak_mb": round(max(mem), 1),
+        # RSS at each quarter of the run: a plateau is a warm-up, a steady climb is a leak
+        "rss_quarters_mb": [round(mem[min(len(mem) - 1, int(len(mem) * q))], 1) for q in (0.25, 0.5, 0.75, 1.0)],
     }
 
 
