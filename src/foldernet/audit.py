@@ -50,7 +50,7 @@ TINY_MIN_SIDE = 32
 MAX_ASPECT = 5.0
 EXTENSION_FORMATS = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".png": {"PNG"}, ".gif": {"GIF"},
                      ".bmp": {"BMP", "DIB"}, ".webp": {"WEBP"}, ".tif": {"TIFF"}, ".tiff": {"TIFF"}}
-FIXABLE = ("unreadable", "wrong_type", "tiny", "low_information", "exact_duplicate", "leakage")
+FIXABLE = ("unreadable", "wrong_type", "tiny", "low_information", "exact_duplicate", "leakage", "too_short")
 
 
 def _popcount_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -170,7 +170,7 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, backbon
 
     from .features import FeatureExtractor
     from .models import DEFAULT_BACKBONE, create_backbone, state_digest
-    from .preprocess import Preprocess
+    from .preprocess import for_dataset
     from .split import resolve_splits
 
     t0 = time.perf_counter()
@@ -182,14 +182,16 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, backbon
     resolve_splits(ds, splits, val, test, seed)
     items = ds.items
     bb = create_backbone(backbone or DEFAULT_BACKBONE, weights=weights)
-    pre = Preprocess.from_timm(bb.data_config)
-    extractor = FeatureExtractor(bb.model, pre, state_digest(bb.model), bb.name)
+    pre, audio_cfg = for_dataset(bb.data_config, ds.kind)
+    extractor = FeatureExtractor(bb.model, pre, state_digest(bb.model), bb.name, audio=audio_cfg)
     feats = extractor([it.path for it in items], desc="audit: features", progress=progress)
     fps = [fp if feats.ok[i] else None for i, fp in enumerate(feats.fingerprints)]
 
     findings: dict[str, list[dict]] = defaultdict(list)
+    from .audio import AUDIO_EXTENSIONS
+
     for rel, reason in ds.skipped:
-        if Path(rel).suffix.lower() in IMAGE_EXTENSIONS or "image" in reason:
+        if Path(rel).suffix.lower() in IMAGE_EXTENSIONS | AUDIO_EXTENSIONS or "image" in reason:
             findings["unreadable"].append({"path": rel, "reason": reason})
     for i, reason in sorted(feats.errors.items()):
         findings["unreadable"].append({"path": items[i].relpath, "reason": reason})
@@ -206,6 +208,9 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, backbon
             findings["wrong_type"].append({"path": it.relpath, "reason": f"{ext} file holds {fmt} data"})
         if fp is None:
             continue
+        if fp.get("kind") == "audio":
+            _audio_findings(it.relpath, fp, findings)
+            continue
         w, h = fp["w"], fp["h"]
         if min(w, h) < TINY_MIN_SIDE:
             findings["tiny"].append({"path": it.relpath, "reason": f"{w}x{h} px (< {TINY_MIN_SIDE} on a side)"})
@@ -216,11 +221,16 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, backbon
                                                 f"{fp['dominant']:.0%}: a placeholder or blank image?"})
         counts = by_class_format[it.label]
         total = sum(counts.values())
-        major, n_major = counts.most_common(1)[0]
+        major, n_major = counts.most_common(1)[0] if counts else (None, 0)
         if fmt and fmt != major and total >= 20 and n_major / total >= 0.9:
             findings["unusual_type"].append({"path": it.relpath, "reason": f"a {fmt} among {n_major} {major} files "
                                              f"of class '{it.label}': a scraped placeholder?"})
 
+    rates = Counter(fp["sample_rate"] for fp in fps if fp and fp.get("kind") == "audio")
+    if len(rates) > 1:
+        findings["mixed_sample_rates"].append({"path": "(dataset)", "reason": ", ".join(
+            f"{n} files at {r} Hz" for r, n in rates.most_common()) + "; all are resampled to "
+            f"{audio_cfg.sample_rate} Hz, but a rate that follows the label is a shortcut the model can learn"})
     # exact duplicates
     groups: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(feats.hashes):
@@ -277,6 +287,20 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, backbon
         atomic_write_json(out / "audit.json", report)
         atomic_write_text(out / "audit.html", render_html(report, ds))
     return report
+
+
+SILENT_DBFS = -60.0
+CLIPPED_FRACTION = 0.01
+TOO_SHORT_SECONDS = 0.1
+
+
+def _audio_findings(rel: str, fp: dict, findings: dict) -> None:
+    if fp["seconds"] < TOO_SHORT_SECONDS:
+        findings["too_short"].append({"path": rel, "reason": f"{fp['seconds']:.3f} s long (< {TOO_SHORT_SECONDS} s)"})
+    if fp["rms_dbfs"] < SILENT_DBFS:
+        findings["silent"].append({"path": rel, "reason": f"RMS {fp['rms_dbfs']:.1f} dBFS (< {SILENT_DBFS:g})"})
+    if fp["clipped"] > CLIPPED_FRACTION:
+        findings["clipped"].append({"path": rel, "reason": f"{fp['clipped']:.1%} of samples at full scale"})
 
 
 def files_to_fix(report: dict, kinds: tuple[str, ...] = FIXABLE) -> dict[str, str]:
@@ -350,7 +374,8 @@ TITLES = {"unreadable": "Unreadable files", "wrong_type": "Content does not matc
           "Flat, placeholder-like images", "unusual_type": "Unusual file type for the class",
           "exact_duplicate": "Exact duplicates", "near_duplicate": "Near duplicates", "conflict":
           "Duplicates with different labels", "leakage": "Leakage: duplicates across splits",
-          "label_issue": "Likely label errors"}
+          "label_issue": "Likely label errors", "silent": "Silent audio", "clipped": "Clipped audio",
+          "too_short": "Audio too short", "mixed_sample_rates": "Mixed sample rates"}
 
 
 def render_html(report: dict, ds: Dataset, max_thumbs: int = 400) -> str:

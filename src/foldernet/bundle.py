@@ -177,6 +177,11 @@ class Classifier(Predictor):
         self.head_weight = tensors["head.weight"].numpy()
         self.head_bias = tensors["head.bias"].numpy()
         self.temperature = float(self.config.get("temperature", 1.0))
+        self.audio = None
+        if self.config.get("audio"):
+            from .audio import AudioConfig
+
+            self.audio = AudioConfig.from_dict(self.config["audio"])
         self.threshold = self.config.get("threshold")
         self.similarity_threshold = self.config.get("similarity_threshold")
         self.index_dir = model_dir
@@ -191,11 +196,19 @@ class Classifier(Predictor):
             from .features import FeatureExtractor
 
             self._extractor = FeatureExtractor(self.backbone, self.preprocess, self._digest, self.config["backbone"],
-                                               engine=self._engine_pref, use_cache=self._use_cache)
+                                               engine=self._engine_pref, use_cache=self._use_cache,
+                                               audio=self.audio)
         return self._extractor
 
     def proba_from_features(self, feats: np.ndarray) -> np.ndarray:
         return softmax((feats @ self.head_weight.T + self.head_bias) / self.temperature)
+
+    def forward(self, pixel_list: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Per input (k windows each): probabilities and the mean embedding."""
+        flat = self.extractor.engine(np.concatenate(pixel_list))
+        bounds = np.cumsum([0] + [len(p) for p in pixel_list])
+        feats = np.stack([flat[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
+        return self.proba_from_features(feats), feats
 
     def predict_batch(self, sources: Sequence, progress: bool = False):
         f = self.extractor(list(sources), desc="predict", progress=progress)
@@ -204,7 +217,10 @@ class Classifier(Predictor):
 
 def expand_inputs(inputs) -> list:
     """Files, folders (recursively, image files only, sorted) and raw bytes -> a flat list."""
+    from .audio import AUDIO_EXTENSIONS
     from .data import IMAGE_EXTENSIONS
+
+    media = IMAGE_EXTENSIONS | AUDIO_EXTENSIONS
 
     if isinstance(inputs, (str, os.PathLike, bytes, bytearray)):
         inputs = [inputs]
@@ -215,7 +231,7 @@ def expand_inputs(inputs) -> list:
             continue
         p = Path(src).expanduser()
         if p.is_dir():
-            out.extend(sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS),
+            out.extend(sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in media),
                               key=lambda f: f.as_posix()))
         elif p.exists() or p.is_symlink():
             out.append(p)

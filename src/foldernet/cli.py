@@ -382,6 +382,9 @@ def serve(
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # odd file names print escaped, never crash the command
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     _setup_logging(os.environ.get("FOLDERNET_DEBUG") == "1")
     try:
         app()

@@ -20,7 +20,7 @@ def single_image_latency_ms(run: Path, image: Path, repeats: int = 10) -> float:
     from .bundle import load
 
     model = load(run, use_cache=False)
-    pixels = model.extractor.pixels(image)[None]
+    pixels = model.extractor.pixels(image)
     engine = model.extractor.engine
     engine(pixels)
     times = []

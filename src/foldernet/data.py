@@ -52,6 +52,7 @@ class Dataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     warnings: list[str] = field(default_factory=list)
     predefined_split: bool = False
+    kind: str = "image"  # "image", "audio" (or "mixed": both kinds of file)
     splits_source: str | None = None  # a splits.csv the split came from, if any
 
     def counts(self) -> dict[str, int]:
@@ -174,17 +175,23 @@ def scan(root: str | os.PathLike, check: bool = True, label_regex: str | None = 
                 for f in _walk_files(cdir, skipped, root):
                     candidates.append((f, _nfc(cdir.name), split))
 
+    from .audio import AUDIO_EXTENSIONS, check_audio_header
+
     items: list[Item] = []
     to_check: list[tuple[Path, str, str | None]] = []
     for f, label, split in candidates:
         if f.is_dir():
             skipped.append((_rel(f, root), "is a folder, not a file"))
-        elif f.suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append((_rel(f, root), f"not an image type foldernet reads ({f.suffix or 'no extension'}); "
-                            f"supported: {', '.join(sorted(IMAGE_EXTENSIONS))}"))
+        elif f.suffix.lower() not in IMAGE_EXTENSIONS | AUDIO_EXTENSIONS:
+            skipped.append((_rel(f, root), f"not a file type foldernet reads ({f.suffix or 'no extension'}); "
+                            f"supported: {', '.join(sorted(IMAGE_EXTENSIONS | AUDIO_EXTENSIONS))}"))
         else:
             to_check.append((f, label, split))
-    reasons = _map_threads(check_image_header, [f for f, _, _ in to_check]) if check else [None] * len(to_check)
+
+    def check_file(f: Path) -> str | None:
+        return check_audio_header(f) if f.suffix.lower() in AUDIO_EXTENSIONS else check_image_header(f)
+
+    reasons = _map_threads(check_file, [f for f, _, _ in to_check]) if check else [None] * len(to_check)
     gpat = re.compile(group_regex) if group_regex else None
     for (f, label, split), reason in zip(to_check, reasons):
         rel = _rel(f, root)
@@ -208,13 +215,18 @@ def scan(root: str | os.PathLike, check: bool = True, label_regex: str | None = 
             warn.append(f"class '{c}' has only 1 image: it cannot be both trained on and evaluated; "
                         f"add more (at least 10 per class is a sensible minimum).")
     classes = [c for c in classes if counts[c] > 0]
+    n_audio = sum(1 for it in items if it.path.suffix.lower() in AUDIO_EXTENSIONS)
+    kind = "audio" if items and n_audio == len(items) else "mixed" if n_audio else "image"
+    if kind == "mixed":
+        warn.append(f"{n_audio} audio and {len(items) - n_audio} image files in one dataset: the model will see "
+                    "spectrograms and photos side by side; keep one kind per dataset")
     if not items:
         raise FoldernetError(f"no usable images found under {root}. Expected DATA/<class>/<image files> "
                              f"with extensions {', '.join(sorted(IMAGE_EXTENSIONS))}."
                              + (f" {len(skipped)} file(s) were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}"
                                 if skipped else ""))
     return Dataset(root=root, items=items, classes=classes, skipped=skipped, warnings=warn,
-                   predefined_split=predefined)
+                   predefined_split=predefined, kind=kind)
 
 
 def _map_threads(fn, xs: list) -> list:

@@ -43,7 +43,8 @@ def _full_model(clf):
 
         def forward(self, x):
             f = self.backbone(x)
-            return torch.softmax(self.head(f) * self.inv_temperature, dim=-1), f
+            logits = self.head(f)
+            return torch.softmax(logits * self.inv_temperature, dim=-1), f, logits
 
     return FullModel().eval()
 
@@ -125,11 +126,11 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, int8: b
 
     t = time.perf_counter()
     tmp = out / ".model.export.onnx"
-    export_onnx(_full_model(clf), clf.preprocess.size, tmp, output_names=["probabilities", "features"])
+    export_onnx(_full_model(clf), clf.preprocess.size, tmp, output_names=["probabilities", "features", "logits"])
     proto = onnx.load(str(tmp))
     meta = {"labels": clf.labels, "preprocess": clf.preprocess.to_dict(), "temperature": clf.temperature,
             "threshold": clf.config.get("threshold"), "similarity_threshold": clf.config.get("similarity_threshold"),
-            "backbone": clf.config["backbone"],
+            "backbone": clf.config["backbone"], "audio": clf.config.get("audio"),
             "foldernet_version": __version__}
     del proto.metadata_props[:]
     proto.metadata_props.add(key="foldernet", value=json.dumps(meta, ensure_ascii=False))
@@ -142,6 +143,9 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, int8: b
     onnx_clf = OnnxClassifier(tmp)
     got, ok_got, _ = onnx_clf.predict_proba(files)
     both = ok_ref & ok_got
+    if not both.any():
+        tmp.unlink()
+        raise FoldernetError(f"the parity check could not read any held-out file (e.g. {files[0]}); nothing exported")
     agree, max_diff = _agreement(ref[both], got[both])
     report: dict = {"n": int(both.sum()), "split_files_from": str(files[0].parent.parent),
                     "fp32": {"top1_agreement": agree, "max_prob_diff": max_diff, "export_seconds": export_s}}
@@ -164,13 +168,13 @@ def _try_int8(fp32_clf, target: Path, model_dir: Path, data, files, ref, both, p
     from .onnx_predictor import OnnxClassifier
 
     calib_files = held_out_files(model_dir, data, split="train", limit=64)
-    calib = np.stack([fp32_clf.pixels(p) for p in calib_files])
+    calib = np.concatenate([fp32_clf.pixels(p) for p in calib_files])
     path8 = target.with_name("model.int8.onnx")
     quantize_int8(target, path8, calib)
     clf8 = OnnxClassifier(path8)
     got8, ok8, _ = clf8.predict_proba(files)
     agree8, diff8 = _agreement(ref, got8[both])
-    bench = np.stack([fp32_clf.pixels(p) for p in files[:32]])
+    bench = np.concatenate([fp32_clf.pixels(p) for p in files[:32]])[:32]
     speed32 = _throughput(fp32_clf, bench)
     speed8 = _throughput(clf8, bench)
     size32, size8 = target.stat().st_size / 1e6, path8.stat().st_size / 1e6

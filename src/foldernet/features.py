@@ -29,9 +29,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .data import open_image
-from .fingerprint import fingerprint
-from .preprocess import Preprocess, softmax  # noqa: F401 - softmax re-exported
+from .preprocess import AUDIO_SUFFIXES, Preprocess, decode_windows, softmax  # noqa: F401 - softmax re-exported
 from .progress import progress_bar
 
 log = logging.getLogger("foldernet")
@@ -206,12 +204,13 @@ class FeatureExtractor:
 
     def __init__(self, model, preprocess: Preprocess, digest: str, backbone_name: str,
                  engine: str = "onnx", use_cache: bool = True, batch_size: int = 32,
-                 workers: int | None = None):
+                 workers: int | None = None, audio=None):
         self.preprocess = preprocess
         self.digest = digest
+        self.audio = audio  # an audio.AudioConfig when the model classifies sounds
         self.model_key = hashlib.blake2b(
-            json.dumps([backbone_name, digest, preprocess.to_dict(), "v2"]).encode(), digest_size=12
-        ).hexdigest()
+            json.dumps([backbone_name, digest, preprocess.to_dict(), audio.to_dict() if audio else None, "v2"]
+                       ).encode(), digest_size=12).hexdigest()
         self.engine = make_engine(model, preprocess.size, digest, prefer=engine)
         self.cache = FeatureCache() if use_cache else None
         self.batch_size = batch_size
@@ -219,8 +218,15 @@ class FeatureExtractor:
         self.dim: int | None = None
 
     def pixels(self, source: str | os.PathLike | bytes) -> np.ndarray:
-        """Preprocessed pixels of one input, exactly as extraction computes them."""
-        return self.preprocess(open_image(source, draft_size=self.preprocess.resize_size))
+        """Preprocessed pixels (k, 3, S, S) of one input (k windows for audio, 1 for an image),
+        exactly as extraction computes them."""
+        data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+        hint = "" if isinstance(source, (bytes, bytearray)) else str(source)
+        return decode_windows(data, self.preprocess, self.audio, hint)[0]
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """(k, 3, S, S) window pixels -> one (D,) embedding: the mean over windows."""
+        return self.engine(pixels).mean(axis=0)
 
     def _load(self, source, known: set[str]) -> tuple[str | None, np.ndarray | None, dict | None, str | None]:
         """Read, hash, and (unless cached) decode one input: (hash, pixels, fingerprint, error)."""
@@ -233,11 +239,13 @@ class FeatureExtractor:
         h = content_hash(data)
         if h in known:
             return h, None, None, None
+        hint = "" if isinstance(source, (bytes, bytearray)) else str(source)
         try:
-            img = open_image(data, draft_size=self.preprocess.resize_size)
-            return h, self.preprocess(img), fingerprint(img), None
+            pix, fp = decode_windows(data, self.preprocess, self.audio, hint)
+            return h, pix, fp, None
         except Exception as exc:  # noqa: BLE001 - a bad file is reported, never fatal
-            return h, None, None, f"cannot decode image ({type(exc).__name__}: {str(exc)[:120]})"
+            what = "audio" if self.audio is not None and hint.lower().endswith(AUDIO_SUFFIXES) else "image"
+            return h, None, None, f"cannot decode {what} ({type(exc).__name__}: {str(exc)[:120]})"
 
     def __call__(self, sources: Sequence, desc: str = "features", progress: bool = True) -> Features:
         import time
@@ -258,7 +266,12 @@ class FeatureExtractor:
             nonlocal computed
             if not pending:
                 return
-            out = self.engine(np.stack([p for _, _, p in pending]))
+            rows = np.concatenate([p for _, _, p in pending])
+            flat = np.concatenate([self.engine(rows[j:j + self.batch_size]) for j in range(0, len(rows), self.batch_size)])
+            out, at = [], 0
+            for _, _, p in pending:  # windows of one input -> their mean embedding
+                out.append(flat[at:at + len(p)].mean(axis=0))
+                at += len(p)
             for (i, _, _), v in zip(pending, out):
                 vectors[i] = v
             if self.cache:
@@ -289,7 +302,7 @@ class FeatureExtractor:
                     cached_idx.append(i)
                 else:
                     pending.append((i, h, pix))
-                    if len(pending) >= self.batch_size:
+                    if sum(len(p) for _, _, p in pending) >= self.batch_size:
                         flush()
                 bar.advance(1)
             flush()
@@ -309,9 +322,4 @@ class FeatureExtractor:
                 ok[i] = True
         return Features(vectors=mat, ok=ok, errors=errors, hashes=hashes, fingerprints=fps, n_cached=len(cached_idx),
                         n_computed=computed, seconds=time.perf_counter() - start)
-
-
-def batched(xs: Sequence, size: int) -> Iterable[Sequence]:
-    for i in range(0, len(xs), size):
-        yield xs[i:i + size]
 

@@ -54,6 +54,7 @@ class FinetuneConfig:
     workers: int = 0
     seed: int = 0
     class_weights: list | None = None
+    audio: object = None         # an audio.AudioConfig: spectrogram windows, SpecAugment, clip mixing
     extra: dict = field(default_factory=dict)
 
 
@@ -74,16 +75,62 @@ def build_transform(pre: Preprocess, augment: str, train: bool):
     return T.Compose(steps)
 
 
-class FolderDataset:
-    """(image, label) pairs decoded on demand; unreadable files were already dropped by extraction."""
+def spec_augment(x, masks: int, max_frac: float = 0.15):
+    """SpecAugment (Park et al. 2019): zero ``masks`` random time bands and frequency bands of a
+    (3, H, W) spectrogram tensor. The mean pixel stands in for silence after normalisation."""
+    import torch
 
-    def __init__(self, paths: list[Path], labels: np.ndarray, transform, draft: int):
+    x = x.clone()
+    fill = float(x.min())
+    _, h, w = x.shape
+    for _ in range(masks):
+        t = int(torch.randint(0, max(1, int(w * max_frac)) + 1, ()).item())
+        t0 = int(torch.randint(0, max(1, w - t) + 1, ()).item())
+        x[:, :, t0:t0 + t] = fill
+        f = int(torch.randint(0, max(1, int(h * max_frac)) + 1, ()).item())
+        f0 = int(torch.randint(0, max(1, h - f) + 1, ()).item())
+        x[:, f0:f0 + f, :] = fill
+    return x
+
+
+class FolderDataset:
+    """(image, label) pairs decoded on demand; unreadable files were already dropped by extraction.
+    For audio: training draws a random window (and, with ``strong``, mixes in another training clip
+    at low gain, keeping this clip's label) and applies SpecAugment; evaluation takes the middle window."""
+
+    def __init__(self, paths: list[Path], labels: np.ndarray, transform, draft: int, audio=None,
+                 augment: str = "none", pre: Preprocess | None = None, train: bool = False):
         self.paths, self.labels, self.transform, self.draft = paths, labels, transform, draft
+        self.audio, self.augment, self.pre, self.train = audio, augment, pre, train
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _audio_item(self, i: int):
+        import torch
+
+        from .audio import log_mel, read_audio, resample, spectrogram_image, windows
+
+        cfg = self.audio
+        clip = read_audio(self.paths[i])
+        x = resample(clip.samples, clip.sample_rate, cfg.sample_rate)
+        if self.train and self.augment == "strong" and len(self.paths) > 1 and torch.rand(()) < 0.5:
+            j = int(torch.randint(0, len(self.paths), ()).item())
+            other = read_audio(self.paths[j])
+            y = resample(other.samples, other.sample_rate, cfg.sample_rate)[:len(x)]
+            x = x.copy()
+            x[:len(y)] += float(torch.empty(()).uniform_(0.1, 0.3)) * y
+        wins = windows(x, cfg)
+        k = int(torch.randint(0, len(wins), ()).item()) if self.train else len(wins) // 2
+        img = spectrogram_image(log_mel(wins[k], cfg), cfg, self.pre.size)
+        t = torch.from_numpy(self.pre(img))
+        if self.train and self.augment != "none":
+            t = spec_augment(t, 1 if self.augment == "light" else 2)
+        return t, int(self.labels[i])
+
     def __getitem__(self, i: int):
+        if self.audio is not None:
+            return self._audio_item(i)
         img = open_image(self.paths[i], draft_size=self.draft)
         w, h = img.size
         if min(w, h) > 2 * self.draft:  # cheap pre-shrink before random crops of large photos
@@ -188,8 +235,10 @@ def finetune(backbone, head_weight, head_bias, train_paths: list[Path], y_train:
     weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights and cfg.balance == "weights" \
         else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    train_ds = FolderDataset(train_paths, y_train, build_transform(pre, cfg.augment, True), pre.resize_size)
-    val_ds = FolderDataset(val_paths, y_val, build_transform(pre, "none", False), pre.resize_size)
+    train_ds = FolderDataset(train_paths, y_train, build_transform(pre, cfg.augment, True), pre.resize_size,
+                             cfg.audio, cfg.augment, pre, train=True)
+    val_ds = FolderDataset(val_paths, y_val, build_transform(pre, "none", False), pre.resize_size,
+                           cfg.audio, "none", pre, train=False)
 
     history: list[dict] = []
     start_epoch, best_f1, stale = 0, -1.0, 0

@@ -15,9 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from .bundle import Predictor
-from .data import open_image
 from .errors import FoldernetError
-from .preprocess import Preprocess
+from .preprocess import Preprocess, decode_windows, softmax
 
 
 class OnnxClassifier(Predictor):
@@ -45,6 +44,12 @@ class OnnxClassifier(Predictor):
         self.path = path
         self.labels: list[str] = info["labels"]
         self.preprocess = Preprocess.from_dict(info["preprocess"])
+        self.temperature = float(info.get("temperature", 1.0))
+        self.audio = None
+        if info.get("audio"):
+            from .audio import AudioConfig
+
+            self.audio = AudioConfig.from_dict(info["audio"])
         self.threshold = info.get("threshold")
         self.similarity_threshold = info.get("similarity_threshold")
         bundle_dir = path.parent.parent / "model"  # RUN/export/model.onnx -> RUN/model (similar index)
@@ -54,18 +59,38 @@ class OnnxClassifier(Predictor):
         self.batch_size = batch_size
 
     def pixels(self, source) -> np.ndarray:
-        return self.preprocess(open_image(source, draft_size=self.preprocess.resize_size))
+        """(k, 3, S, S): one row for an image, one per window for audio."""
+        data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+        hint = "" if isinstance(source, (bytes, bytearray)) else str(source)
+        return decode_windows(data, self.preprocess, self.audio, hint)[0]
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
         return dict(zip(self.output_names, outs))
+
+    def forward(self, pixel_list: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per input (k windows each): probabilities from the mean logits, and the mean features."""
+        rows = np.concatenate(pixel_list)
+        parts = [self.run(rows[i:i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        probs, feats, at = [], [], 0
+        for pix in pixel_list:
+            sl = slice(at, at + len(pix))
+            at += len(pix)
+            if len(pix) == 1 or "logits" not in out:
+                probs.append(out["probabilities"][sl].mean(axis=0))
+            else:
+                probs.append(softmax(out["logits"][sl].mean(axis=0, keepdims=True) / self.temperature)[0])
+            if "features" in out:
+                feats.append(out["features"][sl].mean(axis=0))
+        return np.stack(probs), (np.stack(feats) if feats else None)
 
     def predict_batch(self, sources: Sequence, progress: bool = False):
         def load(src):
             try:
                 return self.pixels(src), None
             except Exception as exc:  # noqa: BLE001 - a bad input is reported, never fatal
-                return None, f"cannot decode image ({type(exc).__name__}: {str(exc)[:120]})"
+                return None, f"cannot decode input ({type(exc).__name__}: {str(exc)[:120]})"
 
         n = len(sources)
         probs = np.zeros((n, len(self.labels)), np.float32)
@@ -74,17 +99,17 @@ class OnnxClassifier(Predictor):
         errors: dict[int, str] = {}
         with ThreadPoolExecutor(max_workers=2) as pool:
             loaded = list(pool.map(load, sources))
-        good = [i for i, (pix, err) in enumerate(loaded) if pix is not None]
         for i, (_, err) in enumerate(loaded):
             if err:
                 errors[i] = err
+        good = [i for i, (pix, _) in enumerate(loaded) if pix is not None]
         for start in range(0, len(good), self.batch_size):
             idx = good[start:start + self.batch_size]
-            out = self.run(np.stack([loaded[i][0] for i in idx]))
-            probs[idx] = out["probabilities"]
-            if "features" in out:
+            p, f = self.forward([loaded[i][0] for i in idx])
+            probs[idx] = p
+            if f is not None:
                 if feats is None:
-                    feats = np.zeros((n, out["features"].shape[1]), np.float32)
-                feats[idx] = out["features"]
+                    feats = np.zeros((n, f.shape[1]), np.float32)
+                feats[idx] = f
             ok[idx] = True
         return probs, feats, ok, errors

@@ -73,3 +73,48 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = None, audio: dict | None = None):
+    """(Preprocess, AudioConfig or None) for a backbone and a dataset kind: every stage sets up the
+    same way. Spectrograms are rendered at the input size, so audio crops nothing."""
+    from dataclasses import replace
+
+    pre = Preprocess.from_timm(data_config)
+    if img_size:
+        pre = replace(pre, size=int(img_size))
+    if kind == "image":
+        return pre, None
+    from .audio import AudioConfig
+
+    return replace(pre, crop_pct=1.0), AudioConfig(**(audio or {}))
+
+
+def decode_windows(data: bytes, pre: Preprocess, audio_cfg=None, hint: str = "") -> tuple[np.ndarray, dict]:
+    """Any input -> ((k, 3, S, S) pixels, fingerprint). Images give k = 1; audio (when the model has
+    an audio config, judged by content) gives one spectrogram image per window."""
+    from .data import open_image
+    from .fingerprint import fingerprint
+
+    if audio_cfg is not None and (hint.lower().endswith(AUDIO_SUFFIXES) or not _looks_like_image(data)):
+        from .audio import clip_images
+
+        images, facts = clip_images(data, audio_cfg, size=pre.size)
+        fp = fingerprint(images[0])
+        fp.update(facts)
+        return np.stack([pre(im) for im in images]), fp
+    img = open_image(data, draft_size=pre.resize_size)
+    return pre(img)[None], fingerprint(img)
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif")
+
+
+def _looks_like_image(data: bytes) -> bool:
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except Exception:  # noqa: BLE001 - anything Pillow does not recognise
+        return False

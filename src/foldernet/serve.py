@@ -39,10 +39,19 @@ class UploadError(Exception):
         self.status, self.message = status, message
 
 
-def sniff_and_decode(data: bytes, limits: Limits, pixels_fn) -> np.ndarray:
-    """Check what the bytes really are before decoding them fully; raise UploadError with a reason."""
+def sniff_and_decode(data: bytes, limits: Limits, pixels_fn, audio: bool = False) -> np.ndarray:
+    """Check what the bytes really are before decoding them fully; raise UploadError with a reason.
+    An audio model also takes sound files (judged by content) and returns one row per window."""
     if not data:
         raise UploadError(400, "the upload is empty")
+    if audio:
+        from .preprocess import _looks_like_image
+
+        if not _looks_like_image(data):
+            try:
+                return pixels_fn(data)
+            except Exception:  # noqa: BLE001
+                raise UploadError(415, "the upload is not a readable audio file (WAV, FLAC, OGG, MP3)") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -75,23 +84,14 @@ class ServedModel:
 
             clf = OnnxClassifier(onnx_path)
             self.backend = "onnx export"
-            self.pixels = clf.pixels
-
-            def forward(batch):
-                out = clf.run(batch)
-                return out["probabilities"], out.get("features")
         else:
             from .bundle import load
 
             clf = load(self.model_dir)
             self.backend = f"bundle ({clf.extractor.engine.name})"
-            self.pixels = clf.extractor.pixels
-
-            def forward(batch):
-                feats = clf.extractor.engine(batch)
-                return clf.proba_from_features(feats), feats
+        self.pixels = clf.pixels if onnx_path.is_file() else clf.extractor.pixels
+        self.audio = getattr(clf, "audio", None)
         self.clf = clf
-        self._forward = forward
         self.labels: list[str] = list(self.config["labels"])
         self.threshold = self.config.get("threshold")
         self.root = Path(self.config.get("data", {}).get("root", ""))
@@ -99,9 +99,9 @@ class ServedModel:
         self.metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
         self.examples = self._examples()
 
-    def run(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """One model call for a batch -> (probabilities, features) per row."""
-        probs, feats = self._forward(batch)
+    def run(self, pixel_list: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """One model call for a micro-batch of inputs (each k windows) -> (probabilities, features) each."""
+        probs, feats = self.clf.forward(pixel_list)
         return [(probs[i], feats[i] if feats is not None else None) for i in range(len(probs))]
 
     def answer(self, probs: np.ndarray, feats: np.ndarray | None, top_k: int, similar: int) -> dict:
@@ -164,7 +164,7 @@ class MicroBatcher:
                 except asyncio.TimeoutError:
                     break
             try:
-                out = await asyncio.to_thread(self.fn, np.stack([p for p, _ in items]))  # one row per item
+                out = await asyncio.to_thread(self.fn, [p for p, _ in items])  # one result per item
                 for (_, fut), row in zip(items, out):
                     if not fut.done():
                         fut.set_result(row)
@@ -261,11 +261,26 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
         data = await file.read(limits.max_bytes + 1)
         if len(data) > limits.max_bytes:
             raise UploadError(413, f"upload is larger than {limits.max_bytes // (1024 * 1024)} MB")
-        pixels = await asyncio.to_thread(sniff_and_decode, data, limits, model.pixels)
+        pixels = await asyncio.to_thread(sniff_and_decode, data, limits, model.pixels, model.audio is not None)
         probs, feats = await batcher.submit(pixels)
-        return await asyncio.to_thread(model.answer, probs, feats, top_k, similar)
+        answer = await asyncio.to_thread(model.answer, probs, feats, top_k, similar)
+        if model.audio is not None and pixels.shape[0] >= 1:
+            answer["spectrogram"] = await asyncio.to_thread(_spectrogram_uri, data, model.audio)
+        return answer
 
     return app
+
+
+def _spectrogram_uri(data: bytes, cfg) -> str | None:
+    import base64
+
+    from .preprocess import _looks_like_image
+
+    if _looks_like_image(data):
+        return None
+    from .audio import spectrogram_png
+
+    return "data:image/png;base64," + base64.b64encode(spectrogram_png(data, cfg)).decode()
 
 
 def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:
@@ -302,10 +317,10 @@ PAGE = """<!doctype html>
 <body><header><h1>foldernet classifier</h1><div id="meta"></div></header>
 <main>
  <section class="card">
-  <div id="drop" tabindex="0">Drop an image here, or
+  <div id="drop" tabindex="0">Drop an image (or a sound, for audio models) here, or
    <label class="btn" for="file">choose a file</label>
    <label class="btn" for="camera">take a photo</label>
-   <input id="file" type="file" accept="image/*" hidden>
+   <input id="file" type="file" accept="image/*,audio/*" hidden>
    <input id="camera" type="file" accept="image/*" capture="environment" hidden>
   </div>
   <div id="error" role="alert"></div>
@@ -323,7 +338,9 @@ function pct(x){return x==null?'':(100*x).toFixed(1)+'%';}
 async function send(file){
   if(!file) return;
   $('error').textContent=''; $('chart').innerHTML='classifying...';
-  const url = URL.createObjectURL(file); const img=$('preview'); img.src=url; img.style.display='block';
+  const img=$('preview');
+  if((file.type||'').startsWith('image/')){ img.src=URL.createObjectURL(file); img.style.display='block'; }
+  else { img.style.display='none'; }
   const body = new FormData(); body.append('file', file);
   try{
     const r = await fetch('/predict?top_k=5&similar=4', {method:'POST', body});
@@ -336,6 +353,7 @@ async function send(file){
         + '<span class="track"><span class="fill" style="display:block;width:'+(100*t.probability).toFixed(1)+'%"></span></span>'
         + '<span class="val">'+pct(t.probability)+'</span></div>';
     }
+    if(j.spectrogram){ img.src=j.spectrogram; img.style.display='block'; img.alt='spectrogram'; }
     if(j.similar && j.similar.length){
       html += '<div id="similar"><p>Most similar training images:</p>' + j.similar.map(n =>
         '<figure><img alt="" src="'+n.image+'"><figcaption>'+esc(n.label)+' '+n.similarity.toFixed(2)+'</figcaption></figure>').join('') + '</div>';

@@ -23,7 +23,8 @@ SPLITS = ("train", "val", "test")
 
 
 def unit_hash(key: str, seed: int = 0) -> float:
-    digest = hashlib.sha1(f"{seed}:{key}".encode("utf-8")).digest()
+    # surrogateescape: a file name that is not valid UTF-8 hashes by its raw bytes, stably
+    digest = hashlib.sha1(f"{seed}:{key}".encode("utf-8", errors="surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
@@ -48,8 +49,13 @@ def _hash_split(items: list[Item], val: float, test: float, seed: int) -> None:
         u = unit_hash(it.group if it.group else it.relpath, seed)
         it.split = "test" if u < test else "val" if u < test + val else "train"
         by_class[it.label].append(it)
-    # Small classes: make sure val/test get a member when the class can spare one (n >= 3).
+    # Small classes: a class of 1-2 files trains on all of them; a class of 3 or more gets a val and
+    # a test member moved from train when hashing gave it none.
     for members in by_class.values():
+        if len(members) < 3:
+            for m in members:
+                m.split = "train"
+            continue
         for split, frac in (("val", val), ("test", test)):
             if frac <= 0 or any(m.split == split for m in members):
                 continue
@@ -173,10 +179,11 @@ def apply_grouping(ds: Dataset, group_by: str | None, features=None) -> None:
 def _default_features(ds: Dataset):
     from .features import FeatureExtractor
     from .models import create_backbone, state_digest
-    from .preprocess import Preprocess
+    from .preprocess import for_dataset
 
     bb = create_backbone()
-    extractor = FeatureExtractor(bb.model, Preprocess.from_timm(bb.data_config), state_digest(bb.model), bb.name)
+    pre, audio = for_dataset(bb.data_config, ds.kind)
+    extractor = FeatureExtractor(bb.model, pre, state_digest(bb.model), bb.name, audio=audio)
     return extractor([it.path for it in ds.items], desc="features for grouping")
 
 

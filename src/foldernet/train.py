@@ -24,7 +24,7 @@ from .evaluate import (K_NEIGHBOURS, NOT_SURE_QUANTILE, choose_thresholds, coars
 from .features import FeatureExtractor, softmax
 from .io import atomic_write_bytes, atomic_write_text, staged_dir
 from .models import DEFAULT_BACKBONE, create_backbone, state_digest
-from .preprocess import Preprocess
+from .preprocess import for_dataset
 from .progress import console, progress_bar
 from .fingerprint import is_low_information
 from .similar import knn_similarity, save_index
@@ -166,7 +166,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
           group_by: str | None = None, allow_leakage: bool = False, keep_placeholders: bool = False,
           label_map_file: str | os.PathLike | None = None, report: bool = True, epochs: int | None = None,
           augment: str = "light", img_size: int | None = None, batch_size: int = 32, finetune_lr: float = 1e-4,
-          resume: bool = False, workers: int = 0) -> TrainResult:
+          resume: bool = False, workers: int = 0, audio: dict | None = None) -> TrainResult:
     """Train a classifier on ``data`` (class folders) and write a bundle to ``out/model``.
 
     ``splits``: a ``splits.csv`` (path,label,split) to reuse; by default ``DATA/splits.csv`` is used
@@ -209,20 +209,17 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
 
         t = time.perf_counter()
         bb = create_backbone(backbone, weights=weights)
-        pre = Preprocess.from_timm(bb.data_config)
-        if img_size:
-            from dataclasses import replace
-
-            pre = replace(pre, size=int(img_size))
+        pre, audio_cfg = for_dataset(bb.data_config, ds.kind, img_size, audio)
         digest = state_digest(bb.model)
-        extractor = FeatureExtractor(bb.model, pre, digest, backbone, engine=engine, use_cache=use_cache)
+        extractor = FeatureExtractor(bb.model, pre, digest, backbone, engine=engine, use_cache=use_cache,
+                                     audio=audio_cfg)
         timings["load_backbone"] = time.perf_counter() - t
         feats = extractor([it.path for it in ds.items], desc="extract features", progress=progress)
         timings["features"] = feats.seconds
         skipped = list(ds.skipped) + [(ds.items[i].relpath, r) for i, r in sorted(feats.errors.items())]
         if not keep_placeholders:
             for i, fp in enumerate(feats.fingerprints):
-                if feats.ok[i] and fp and is_low_information(fp):
+                if feats.ok[i] and fp and fp.get("kind") != "audio" and is_low_information(fp):
                     feats.ok[i] = False
                     skipped.append((ds.items[i].relpath, f"looks like a placeholder or blank image ({fp['colours']} "
                                     f"colours, one covers {fp['dominant']:.0%}); pass --keep-placeholders to use it"))
@@ -286,7 +283,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
             ft_balance = "sampler" if balance == "sampler" else "weights" if use_weights else "off"
             cfg_ft = FinetuneConfig(epochs=epochs or 6, lr=finetune_lr, batch_size=batch_size, augment=augment,
                                     balance=ft_balance, class_weights=cw.tolist() if cw is not None else None,
-                                    seed=seed, workers=workers)
+                                    seed=seed, workers=workers, audio=audio_cfg)
             tr, va = np.flatnonzero(sel["train"]), np.flatnonzero(sel["val"])
             model, weight, bias, history = finetune(
                 bb.model, weight, bias, [ds.items[i].path for i in tr], y[tr], [ds.items[i].path for i in va], y[va],
@@ -296,7 +293,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
             timings["finetune"] = time.perf_counter() - t
             t = time.perf_counter()
             extractor = FeatureExtractor(bb.model, pre, state_digest(bb.model), backbone, engine=engine,
-                                         use_cache=use_cache)
+                                         use_cache=use_cache, audio=audio_cfg)
             tuned = extractor([it.path for it in ds.items], desc="features (fine-tuned)", progress=progress)
             feats.vectors = tuned.vectors
             timings["features_finetuned"] = time.perf_counter() - t
@@ -364,6 +361,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
             "labels": labels,
             "num_features": int(bb.num_features),
             "preprocess": pre.to_dict(),
+            "kind": ds.kind,
+            "audio": audio_cfg.to_dict() if audio_cfg else None,
             "temperature": temperature,
             "threshold": threshold,
             "similarity_threshold": sim_threshold,

@@ -1,0 +1,226 @@
+"""Audio through the same pipeline: a clip becomes log-mel spectrogram images, one per window.
+
+Loading: soundfile (libsndfile: WAV, FLAC, OGG, MP3) and PyAV (FFmpeg) for anything else, sniffed
+by content, never by extension; any sample rate is resampled (``scipy.signal.resample_poly``) to
+``AudioConfig.sample_rate`` and mixed to mono. Clips shorter than a window are zero-padded; longer
+ones are cut into windows (hop = half a window) whose embeddings are averaged, which for a linear
+head is averaging the logits of the windows.
+
+Spectrogram (documented, fixed): 16 kHz, n_fft 1024 (64 ms Hann window), hop 160 samples (10 ms),
+128 mel bands from 20 Hz to 8 kHz (Slaney-style triangular filters on the HTK mel scale), power in
+dB relative to full scale, clipped to [-100, 0] dB and mapped to 0..255. The image is time along x,
+low frequencies at the bottom, resized to the backbone's input size and copied to three channels.
+The mel filterbank is written here with NumPy because librosa's first call JIT-compiles for ~45 s.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import FoldernetError
+
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif"}
+MAX_SECONDS = 600.0  # a longer file is read only this far (windows past it are not used)
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    sample_rate: int = 16000
+    window_seconds: float = 1.0
+    n_fft: int = 1024
+    hop_length: int = 160
+    n_mels: int = 128
+    fmin: float = 20.0
+    fmax: float = 8000.0
+    top_db: float = 100.0
+    max_windows: int = 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AudioConfig":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def is_audio_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in AUDIO_EXTENSIONS
+
+
+@dataclass
+class Clip:
+    samples: np.ndarray     # float32 mono in [-1, 1] at the original rate
+    sample_rate: int
+    channels: int
+    subtype: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sample_rate if self.sample_rate else 0.0
+
+
+def read_audio(source: str | os.PathLike | bytes, max_seconds: float = MAX_SECONDS) -> Clip:
+    """Decode any audio file or bytes to mono float32; raises with a plain reason when it cannot."""
+    data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+    if not data:
+        raise FoldernetError("empty audio file (0 bytes)")
+    try:
+        import soundfile as sf
+
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            frames = min(f.frames, int(max_seconds * f.samplerate)) if f.frames > 0 else -1
+            x = f.read(frames=frames, dtype="float32", always_2d=True)
+            return Clip(x.mean(axis=1), int(f.samplerate), int(f.channels), str(f.subtype))
+    except FoldernetError:
+        raise
+    except Exception:  # noqa: BLE001 - not something libsndfile reads: let FFmpeg try
+        pass
+    return _read_with_av(data, max_seconds)
+
+
+def _read_with_av(data: bytes, max_seconds: float) -> Clip:
+    try:
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.audio:
+                raise FoldernetError("no audio stream in the file")
+            stream = container.streams.audio[0]
+            rate = int(stream.rate or stream.codec_context.sample_rate)
+            channels = int(stream.codec_context.channels or 1)
+            chunks, total = [], 0
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    arr = out.to_ndarray().reshape(-1)
+                    chunks.append(arr)
+                    total += len(arr)
+                if total >= max_seconds * rate:
+                    break
+            x = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+            return Clip(x[:int(max_seconds * rate)], rate, channels, "ffmpeg")
+    except FoldernetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything FFmpeg cannot decode is not audio for us
+        raise FoldernetError(f"not a readable audio file ({type(exc).__name__})") from None
+
+
+def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target or len(x) == 0:
+        return x.astype(np.float32)
+    from math import gcd
+
+    from scipy.signal import resample_poly
+
+    g = gcd(int(rate), int(target))
+    return resample_poly(x, target // g, rate // g).astype(np.float32)
+
+
+@lru_cache(maxsize=8)
+def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """(n_mels, n_fft // 2 + 1) triangular filters, area-normalised (Slaney), HTK mel scale."""
+    def hz_to_mel(f):
+        return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
+
+    def mel_to_hz(m):
+        return 700.0 * (10 ** (np.asarray(m) / 2595.0) - 1.0)
+
+    freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
+    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(min(fmax, sr / 2)), n_mels + 2))
+    fb = np.zeros((n_mels, len(freqs)), np.float32)
+    for m in range(n_mels):
+        lo, mid, hi = edges[m], edges[m + 1], edges[m + 2]
+        up = (freqs - lo) / max(mid - lo, 1e-9)
+        down = (hi - freqs) / max(hi - mid, 1e-9)
+        fb[m] = np.maximum(0, np.minimum(up, down)) * (2.0 / max(hi - lo, 1e-9))
+    return fb
+
+
+def log_mel(x: np.ndarray, cfg: AudioConfig) -> np.ndarray:
+    """(n_mels, frames) in dB relative to full scale, clipped to [-top_db, 0]."""
+    n_fft, hop = cfg.n_fft, cfg.hop_length
+    pad = n_fft // 2
+    x = np.pad(x, (pad, pad), mode="constant")
+    n_frames = 1 + max(0, (len(x) - n_fft) // hop)
+    idx = np.arange(n_fft)[None, :] + hop * np.arange(n_frames)[:, None]
+    window = np.hanning(n_fft + 1)[:-1].astype(np.float32)
+    spec = np.abs(np.fft.rfft(x[idx] * window, axis=1)) ** 2 / (window.sum() ** 2 / 4)
+    mel = mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels, cfg.fmin, cfg.fmax) @ spec.T
+    return np.clip(10.0 * np.log10(np.maximum(mel, 1e-12)), -cfg.top_db, 0.0)
+
+
+def windows(x: np.ndarray, cfg: AudioConfig) -> list[np.ndarray]:
+    """Fixed-length windows: pad a short clip; cut a long one with 50 % overlap (at most max_windows,
+    spread evenly over the clip)."""
+    n = int(cfg.window_seconds * cfg.sample_rate)
+    if len(x) <= n:
+        return [np.pad(x, (0, n - len(x)))]
+    starts = list(range(0, len(x) - n + 1, n // 2))
+    if starts[-1] != len(x) - n:
+        starts.append(len(x) - n)
+    if len(starts) > cfg.max_windows:
+        starts = [starts[int(i)] for i in np.linspace(0, len(starts) - 1, cfg.max_windows)]
+    return [x[s:s + n] for s in starts]
+
+
+def spectrogram_image(db: np.ndarray, cfg: AudioConfig, size: int | None = None) -> Image.Image:
+    """dB mel spectrogram -> RGB image (low frequencies at the bottom)."""
+    g = ((db + cfg.top_db) * (255.0 / cfg.top_db)).clip(0, 255).astype(np.uint8)[::-1]
+    img = Image.fromarray(np.ascontiguousarray(g), "L")
+    if size:
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return img.convert("RGB")
+
+
+def clip_images(source, cfg: AudioConfig, size: int | None = None) -> tuple[list[Image.Image], dict]:
+    """Decode, resample, window and render a clip: (one image per window, facts for the audit)."""
+    clip = read_audio(source)
+    x = resample(clip.samples, clip.sample_rate, cfg.sample_rate)
+    facts = audio_facts(clip)
+    return [spectrogram_image(log_mel(w, cfg), cfg, size) for w in windows(x, cfg)], facts
+
+
+def audio_facts(clip: Clip) -> dict:
+    x = clip.samples
+    peak = float(np.abs(x).max()) if len(x) else 0.0
+    rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2))) if len(x) else 0.0
+    return {"kind": "audio", "sample_rate": clip.sample_rate, "channels": clip.channels,
+            "seconds": round(clip.seconds, 4), "peak": round(peak, 5),
+            "rms_dbfs": round(20 * np.log10(max(rms, 1e-10)), 2),
+            "clipped": round(float(np.mean(np.abs(x) >= 0.999)) if len(x) else 0.0, 5)}
+
+
+def check_audio_header(path: Path) -> str | None:
+    """Cheap check that a file is audio we can read; a reason when it is not."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        import soundfile as sf
+
+        try:
+            info = sf.info(str(path))
+            return None if info.frames > 0 or info.duration > 0 else "audio file has no samples (zero length)"
+        except Exception:  # noqa: BLE001 - libsndfile does not know it: ask FFmpeg
+            import av
+
+            with av.open(str(path)) as c:
+                return None if c.streams.audio else "no audio stream in the file"
+    except PermissionError:
+        return "permission denied: make the file readable"
+    except Exception as exc:  # noqa: BLE001
+        return f"not a readable audio file ({type(exc).__name__})"
+
+
+def spectrogram_png(source, cfg: AudioConfig) -> bytes:
+    """The first window's spectrogram as PNG (for the web page)."""
+    images, _ = clip_images(source, cfg)
+    buf = io.BytesIO()
+    images[0].resize((images[0].width * 2, images[0].height * 2)).save(buf, "PNG")
+    return buf.getvalue()

@@ -1,0 +1,150 @@
+"""Audio through the same pipeline, on sounds the tests synthesise with NumPy."""
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import foldernet
+from foldernet.audio import AudioConfig, log_mel, read_audio, resample, windows
+
+RATES = (8000, 16000, 22050, 44100)
+
+
+def _tone(kind: str, rng, sr: int, seconds: float | None = None) -> np.ndarray:
+    """One synthetic sound: a random length, a random silent lead-in, noise at a random level."""
+    seconds = seconds or rng.uniform(0.3, 0.9)
+    t = np.arange(int(sr * seconds)) / sr
+    if kind == "low":
+        x = np.sin(2 * np.pi * rng.uniform(150, 400) * t)
+    elif kind == "high":
+        x = np.sin(2 * np.pi * rng.uniform(2000, 3500) * t)
+    else:  # chirp sweeping up
+        f0, f1 = rng.uniform(200, 500), rng.uniform(3000, 4000)
+        x = np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds)))
+    x = x * np.hanning(len(t)) ** rng.uniform(0.1, 1.0)  # varied envelopes
+    lead = np.zeros(int(sr * rng.uniform(0, 0.3)))
+    x = np.concatenate([lead, rng.uniform(0.2, 0.6) * x])
+    return (x + rng.uniform(0.005, 0.05) * rng.standard_normal(len(x))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def sounds(tmp_path_factory):
+    """Three classes of 14 clips, at mixed sample rates, some stereo, as WAV, FLAC and OGG."""
+    root = tmp_path_factory.mktemp("audio") / "data"
+    rng = np.random.default_rng(0)
+    for cls in ("low", "high", "chirp"):
+        (root / cls).mkdir(parents=True)
+        for k in range(14):
+            sr = RATES[k % len(RATES)]
+            x = _tone(cls, rng, sr)
+            if k % 3 == 0:
+                x = np.stack([x, 0.8 * x], axis=1)  # stereo
+            ext, fmt = [("wav", "WAV"), ("flac", "FLAC"), ("ogg", "OGG")][k % 3]
+            sf.write(root / cls / f"{cls}_{k}.{ext}", x, sr, format=fmt)
+    return root
+
+
+def test_loading_resamples_and_mixes_to_mono(tmp_path):
+    t = np.arange(44100) / 44100
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.zeros_like(t)], axis=1).astype(np.float32)
+    sf.write(tmp_path / "s.wav", stereo, 44100)
+    clip = read_audio(tmp_path / "s.wav")
+    assert clip.channels == 2 and clip.sample_rate == 44100 and clip.samples.ndim == 1
+    x = resample(clip.samples, 44100, 16000)
+    assert abs(len(x) - 16000) <= 1
+    spectrum = np.abs(np.fft.rfft(x))
+    assert abs(np.argmax(spectrum) * 16000 / len(x) - 440) < 5  # the tone survives resampling
+    cfg = AudioConfig()
+    db = log_mel(x, cfg)
+    assert db.shape[0] == cfg.n_mels and db.max() <= 0 and db.min() >= -cfg.top_db
+    assert len(windows(np.zeros(4000, np.float32), cfg)) == 1  # short clip padded
+    assert len(windows(np.zeros(16000 * 5, np.float32), cfg)) == 9  # long clip: 50 % overlap
+
+
+def test_eight_bit_and_mp3_named_wav_are_read(tmp_path):
+    sr = 16000
+    x = (0.5 * np.sin(2 * np.pi * 300 * np.arange(sr) / sr)).astype(np.float32)
+    sf.write(tmp_path / "u8.wav", x, sr, subtype="PCM_U8")
+    assert abs(np.abs(read_audio(tmp_path / "u8.wav").samples).max() - 0.5) < 0.02
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format="MP3")
+    (tmp_path / "really_mp3.wav").write_bytes(buf.getvalue())
+    clip = read_audio(tmp_path / "really_mp3.wav")
+    assert clip.seconds > 0.9
+
+
+def test_train_predict_and_export_on_audio(sounds, tmp_path):
+    result = foldernet.train(sounds, out=tmp_path / "run", progress=False, val=0.2, test=0.2)
+    assert result.config["kind"] == "audio" and result.config["audio"]["sample_rate"] == 16000
+    assert result.metrics["splits"]["test"]["accuracy"] >= 0.8  # chance is 1/3
+    # a long clip (several windows, averaged) of an unseen low tone
+    rng = np.random.default_rng(99)
+    long_low = np.concatenate([_tone("low", rng, 22050, 1.0) for _ in range(4)])
+    sf.write(tmp_path / "long_low.wav", long_low, 22050)
+    model = foldernet.load(tmp_path / "run")
+    assert model.predict([tmp_path / "long_low.wav"])[0].label == "low"
+    report = foldernet.export(tmp_path / "run")
+    assert report["fp32"]["top1_agreement"] == 1.0
+    from foldernet.onnx_predictor import OnnxClassifier
+
+    onnx_pred = OnnxClassifier(tmp_path / "run" / "export" / "model.onnx").predict([tmp_path / "long_low.wav"])[0]
+    torch_pred = model.predict([tmp_path / "long_low.wav"])[0]
+    assert onnx_pred.label == torch_pred.label
+    assert abs(onnx_pred.confidence - torch_pred.confidence) < 1e-3
+
+
+def test_audio_audit_flags_silent_clipped_short_corrupt_and_mixed_rates(sounds, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sounds, data)
+    sf.write(data / "low" / "silent.wav", np.zeros(16000, np.float32), 16000)
+    sf.write(data / "low" / "clipped.wav", np.clip(3 * np.sin(np.arange(16000) / 3), -1, 1).astype(np.float32), 16000)
+    sf.write(data / "high" / "blip.wav", np.ones(80, np.float32) * 0.3, 16000)
+    (data / "high" / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+    (data / "chirp" / "empty.wav").write_bytes(b"")
+    from foldernet.audit import audit
+
+    r = audit(data, progress=False)
+    f = r["findings"]
+    assert any(e["path"] == "low/silent.wav" for e in f["silent"])
+    assert any(e["path"] == "low/clipped.wav" for e in f["clipped"])
+    assert any(e["path"] == "high/blip.wav" for e in f["too_short"])
+    unreadable = {e["path"] for e in f["unreadable"]}
+    assert {"high/corrupt.wav", "chirp/empty.wav"} <= unreadable
+    assert "44100 Hz" in f["mixed_sample_rates"][0]["reason"]
+
+
+def test_flat_folder_with_labels_and_groups_in_file_names(tmp_path):
+    rng = np.random.default_rng(1)
+    flat = tmp_path / "recordings"
+    flat.mkdir()
+    for kind in ("low", "high"):
+        for speaker in ("ann", "bob", "cyd", "dan", "eve"):
+            for n in range(3):
+                sf.write(flat / f"{kind}_{speaker}_{n}.wav", _tone(kind, rng, 8000), 8000)
+    ds = foldernet.split_dataset(flat, label_regex=r"^([a-z]+)_", group_by=r"regex:^[a-z]+_([a-z]+)_",
+                                 val=0.2, test=0.2, out=tmp_path / "splits.csv")
+    assert set(ds.classes) == {"low", "high"}
+    sides = {}
+    for it in ds.items:
+        sides.setdefault(it.group, set()).add(it.split)
+    assert all(len(s) == 1 for s in sides.values())  # each speaker on one side only
+
+
+def test_server_accepts_audio_and_returns_a_spectrogram(sounds, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from foldernet.serve import create_app
+
+    foldernet.train(sounds, out=tmp_path / "run", progress=False, val=0.2, test=0.2)
+    with TestClient(create_app(tmp_path / "run")) as client:
+        wav = next((sounds / "high").glob("*.wav")).read_bytes()
+        r = client.post("/predict", files={"file": ("clip.bin", wav, "application/octet-stream")})
+        assert r.status_code == 200, r.text
+        j = r.json()
+        assert j["label"] in ("low", "high", "chirp") and j["spectrogram"].startswith("data:image/png;base64,")
+        r = client.post("/predict", files={"file": ("x.wav", b"RIFF....WAVEjunk", "audio/wav")})
+        assert r.status_code == 415 and "audio" in r.json()["error"]
