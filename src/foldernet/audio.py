@@ -6,9 +6,10 @@ by content, never by extension; any sample rate is resampled (``scipy.signal.res
 ones are cut into windows (hop = half a window) whose embeddings are averaged, which for a linear
 head is averaging the logits of the windows.
 
-Spectrogram (documented, fixed): 16 kHz, n_fft 1024 (64 ms Hann window), hop 160 samples (10 ms),
-128 mel bands from 20 Hz to 8 kHz (Slaney-style triangular filters on the HTK mel scale), power in
-dB relative to full scale, clipped to [-100, 0] dB and mapped to 0..255. The image is time along x,
+Spectrogram (documented): 16 kHz (or the data's own rate when all of it is lower, e.g. 8 kHz
+telephone speech), n_fft 1024 (64 ms at 16 kHz, Hann window), hop 10 ms, 128 mel bands from 20 Hz to
+half the rate (Slaney-style triangular filters on the HTK mel scale), power in dB relative to the
+window's loudest bin, clipped to [-80, 0] dB and mapped to 0..255. The image is time along x,
 low frequencies at the bottom, resized to the backbone's input size and copied to three channels.
 The mel filterbank is written here with NumPy because librosa's first call JIT-compiles for ~45 s.
 """
@@ -39,7 +40,7 @@ class AudioConfig:
     n_mels: int = 128
     fmin: float = 20.0
     fmax: float = 8000.0
-    top_db: float = 100.0
+    top_db: float = 80.0
     max_windows: int = 16
 
     def to_dict(self) -> dict:
@@ -48,6 +49,26 @@ class AudioConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AudioConfig":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def config_for(paths: list[Path], overrides: dict | None = None) -> AudioConfig:
+    """The dataset's AudioConfig: 16 kHz, or the highest rate in the data when that is lower (no
+    upsampled, empty top half of the spectrogram), with the mel range up to half the rate."""
+    import soundfile as sf
+
+    rates = []
+    for p in paths[:: max(1, len(paths) // 64)][:64]:
+        try:
+            rates.append(sf.info(str(p)).samplerate)
+        except Exception:  # noqa: BLE001 - unreadable files are reported elsewhere
+            continue
+    base = AudioConfig()
+    rate = min(base.sample_rate, max(rates)) if rates else base.sample_rate
+    hop = max(1, round(rate * base.hop_length / base.sample_rate))
+    fields = {"sample_rate": rate, "fmax": rate / 2, "hop_length": hop,
+              "n_fft": 1024 if rate >= 16000 else 512}
+    fields.update(overrides or {})
+    return AudioConfig(**fields)
 
 
 def is_audio_path(path: str | os.PathLike) -> bool:
@@ -144,7 +165,8 @@ def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -
 
 
 def log_mel(x: np.ndarray, cfg: AudioConfig) -> np.ndarray:
-    """(n_mels, frames) in dB relative to full scale, clipped to [-top_db, 0]."""
+    """(n_mels, frames) in dB relative to the window's loudest bin, clipped to [-top_db, 0]: loudness
+    (microphone, speaker, gain) does not change the picture, only the spectral shape does."""
     n_fft, hop = cfg.n_fft, cfg.hop_length
     pad = n_fft // 2
     x = np.pad(x, (pad, pad), mode="constant")
@@ -153,15 +175,17 @@ def log_mel(x: np.ndarray, cfg: AudioConfig) -> np.ndarray:
     window = np.hanning(n_fft + 1)[:-1].astype(np.float32)
     spec = np.abs(np.fft.rfft(x[idx] * window, axis=1)) ** 2 / (window.sum() ** 2 / 4)
     mel = mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels, cfg.fmin, cfg.fmax) @ spec.T
-    return np.clip(10.0 * np.log10(np.maximum(mel, 1e-12)), -cfg.top_db, 0.0)
+    db = 10.0 * np.log10(np.maximum(mel, 1e-12))
+    return np.clip(db - db.max(), -cfg.top_db, 0.0)
 
 
 def windows(x: np.ndarray, cfg: AudioConfig) -> list[np.ndarray]:
-    """Fixed-length windows: pad a short clip; cut a long one with 50 % overlap (at most max_windows,
-    spread evenly over the clip)."""
+    """Fixed-length windows: centre a short clip in silence; cut a long one with 50 % overlap (at
+    most max_windows, spread evenly over the clip)."""
     n = int(cfg.window_seconds * cfg.sample_rate)
     if len(x) <= n:
-        return [np.pad(x, (0, n - len(x)))]
+        left = (n - len(x)) // 2
+        return [np.pad(x, (left, n - len(x) - left))]
     starts = list(range(0, len(x) - n + 1, n // 2))
     if starts[-1] != len(x) - n:
         starts.append(len(x) - n)

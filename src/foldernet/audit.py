@@ -182,7 +182,7 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, backbon
     resolve_splits(ds, splits, val, test, seed)
     items = ds.items
     bb = create_backbone(backbone or DEFAULT_BACKBONE, weights=weights)
-    pre, audio_cfg = for_dataset(bb.data_config, ds.kind)
+    pre, audio_cfg = for_dataset(bb.data_config, ds.kind, paths=[it.path for it in ds.items])
     extractor = FeatureExtractor(bb.model, pre, state_digest(bb.model), bb.name, audio=audio_cfg)
     feats = extractor([it.path for it in items], desc="audit: features", progress=progress)
     fps = [fp if feats.ok[i] else None for i, fp in enumerate(feats.fingerprints)]

@@ -64,6 +64,7 @@ def train(
     augment: str = typer.Option("light", help="training augmentation for finetune: none | light | strong"),
     img_size: Optional[int] = typer.Option(None, help="input size (default: the backbone's)"),
     batch_size: int = typer.Option(32, help="finetune batch size"),
+    lr: Optional[float] = typer.Option(None, help="finetune learning rate (default 1e-4 pretrained, 1e-3 scratch)"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted finetune run"),
     splits: Optional[Path] = typer.Option(None, help="splits.csv to reuse (default: DATA/splits.csv if present)"),
     label_regex: Optional[str] = typer.Option(None, help="label from a regex group on the relative path"),
@@ -82,7 +83,7 @@ def train(
     result = _train(data, out, backbone=backbone, weights=weights, mode=mode, val=val, test=test, seed=seed,
                     balance=balance, max_epochs=epochs if (epochs and mode == "head") else 200, force=force,
                     epochs=epochs if mode != "head" or backbone == "scratch" else None, augment=augment,
-                    img_size=img_size, batch_size=batch_size, resume=resume, splits=splits, engine=engine,
+                    img_size=img_size, batch_size=batch_size, resume=resume, finetune_lr=lr, splits=splits, engine=engine,
                     use_cache=not no_cache, label_regex=label_regex,
                     group_by=group_by or (f"regex:{group_regex}" if group_regex else None),
                     allow_leakage=allow_leakage, keep_placeholders=keep_placeholders, label_map_file=label_map)

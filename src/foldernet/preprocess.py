@@ -75,7 +75,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = None, audio: dict | None = None):
+def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = None, audio: dict | None = None,
+                paths: list | None = None):
     """(Preprocess, AudioConfig or None) for a backbone and a dataset kind: every stage sets up the
     same way. Spectrograms are rendered at the input size, so audio crops nothing."""
     from dataclasses import replace
@@ -85,9 +86,10 @@ def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = N
         pre = replace(pre, size=int(img_size))
     if kind == "image":
         return pre, None
-    from .audio import AudioConfig
+    from .audio import AudioConfig, config_for
 
-    return replace(pre, crop_pct=1.0), AudioConfig(**(audio or {}))
+    cfg = config_for(list(paths), audio) if paths else AudioConfig(**(audio or {}))
+    return replace(pre, crop_pct=1.0), cfg
 
 
 def decode_windows(data: bytes, pre: Preprocess, audio_cfg=None, hint: str = "") -> tuple[np.ndarray, dict]:

@@ -182,7 +182,7 @@ def _default_features(ds: Dataset):
     from .preprocess import for_dataset
 
     bb = create_backbone()
-    pre, audio = for_dataset(bb.data_config, ds.kind)
+    pre, audio = for_dataset(bb.data_config, ds.kind, paths=[it.path for it in ds.items])
     extractor = FeatureExtractor(bb.model, pre, state_digest(bb.model), bb.name, audio=audio)
     return extractor([it.path for it in ds.items], desc="features for grouping")
 

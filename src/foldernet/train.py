@@ -165,7 +165,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
           use_cache: bool = True, progress: bool = True, label_regex: str | None = None,
           group_by: str | None = None, allow_leakage: bool = False, keep_placeholders: bool = False,
           label_map_file: str | os.PathLike | None = None, report: bool = True, epochs: int | None = None,
-          augment: str = "light", img_size: int | None = None, batch_size: int = 32, finetune_lr: float = 1e-4,
+          augment: str = "light", img_size: int | None = None, batch_size: int = 32, finetune_lr: float | None = None,
           resume: bool = False, workers: int = 0, audio: dict | None = None) -> TrainResult:
     """Train a classifier on ``data`` (class folders) and write a bundle to ``out/model``.
 
@@ -209,7 +209,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
 
         t = time.perf_counter()
         bb = create_backbone(backbone, weights=weights)
-        pre, audio_cfg = for_dataset(bb.data_config, ds.kind, img_size, audio)
+        pre, audio_cfg = for_dataset(bb.data_config, ds.kind, img_size, audio, [it.path for it in ds.items])
         digest = state_digest(bb.model)
         extractor = FeatureExtractor(bb.model, pre, digest, backbone, engine=engine, use_cache=use_cache,
                                      audio=audio_cfg)
@@ -281,6 +281,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
 
             t = time.perf_counter()
             ft_balance = "sampler" if balance == "sampler" else "weights" if use_weights else "off"
+            if finetune_lr is None:  # pretrained weights want gentle steps; random ones need larger
+                finetune_lr = 1e-4 if pretrained else 1e-3
             cfg_ft = FinetuneConfig(epochs=epochs or 6, lr=finetune_lr, batch_size=batch_size, augment=augment,
                                     balance=ft_balance, class_weights=cw.tolist() if cw is not None else None,
                                     seed=seed, workers=workers, audio=audio_cfg)
