@@ -72,6 +72,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60)
     args = ap.parse_args()
+    import warnings
+
+    warnings.simplefilter("ignore")  # Pillow warns about every corrupt TIFF/EXIF it meets
     from fastapi.testclient import TestClient
 
     from foldernet.audio import AudioConfig

@@ -148,3 +148,25 @@ def test_server_accepts_audio_and_returns_a_spectrogram(sounds, tmp_path):
         assert j["label"] in ("low", "high", "chirp") and j["spectrogram"].startswith("data:image/png;base64,")
         r = client.post("/predict", files={"file": ("x.wav", b"RIFF....WAVEjunk", "audio/wav")})
         assert r.status_code == 415 and "audio" in r.json()["error"]
+
+
+def test_hostile_wav_headers_are_refused_without_huge_allocations(tmp_path):
+    import struct
+
+    from foldernet.errors import FoldernetError
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(800, np.float32), 8000, format="WAV", subtype="FLOAT")
+    good = bytearray(buf.getvalue())
+    many_channels = bytearray(good)
+    many_channels[22:24] = struct.pack("<H", 60000)
+    huge_rate = bytearray(good)
+    huge_rate[24:28] = struct.pack("<I", 2_000_000_000)
+    huge_data = bytearray(good)
+    i = bytes(huge_data).find(b"data")
+    huge_data[i + 4:i + 8] = struct.pack("<I", 0xFFFFFFF0)  # claims 4 GB of samples
+    for data in (many_channels, huge_rate):
+        with pytest.raises(FoldernetError):
+            read_audio(bytes(data))
+    clip = read_audio(bytes(huge_data))  # reads what is really there
+    assert clip.seconds <= 0.2

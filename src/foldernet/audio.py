@@ -9,7 +9,8 @@ head is averaging the logits of the windows.
 Spectrogram (documented): 16 kHz (or the data's own rate when all of it is lower, e.g. 8 kHz
 telephone speech), n_fft 1024 (64 ms at 16 kHz, Hann window), hop 10 ms, 128 mel bands from 20 Hz to
 half the rate (Slaney-style triangular filters on the HTK mel scale), power in dB relative to the
-window's loudest bin, clipped to [-80, 0] dB and mapped to 0..255. The image is time along x,
+clip's loudest bin (so loudness does not matter and quiet stretches stay quiet), clipped to
+[-80, 0] dB and mapped to 0..255. The image is time along x,
 low frequencies at the bottom, resized to the backbone's input size and copied to three channels.
 The mel filterbank is written here with NumPy because librosa's first call JIT-compiles for ~45 s.
 """
@@ -28,7 +29,9 @@ from PIL import Image
 from .errors import FoldernetError
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif"}
-MAX_SECONDS = 600.0  # a longer file is read only this far (windows past it are not used)
+MAX_SECONDS = 300.0  # a longer file is read only this far (windows past it are not used)
+MAX_RATE = 192_000   # a header claiming more is corrupt (or hostile)
+MAX_CHANNELS = 64
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,16 @@ def read_audio(source: str | os.PathLike | bytes, max_seconds: float = MAX_SECON
         import soundfile as sf
 
         with sf.SoundFile(io.BytesIO(data)) as f:
-            frames = min(f.frames, int(max_seconds * f.samplerate)) if f.frames > 0 else -1
-            x = f.read(frames=frames, dtype="float32", always_2d=True)
-            return Clip(x.mean(axis=1), int(f.samplerate), int(f.channels), str(f.subtype))
+            _check_header(f.samplerate, f.channels)
+            # read in blocks: memory follows the samples really there, not what a header claims
+            limit, got, blocks = int(max_seconds * f.samplerate), 0, []
+            for block in f.blocks(blocksize=65536, dtype="float32", always_2d=True):
+                blocks.append(block.mean(axis=1))
+                got += len(block)
+                if got >= limit:
+                    break
+            x = np.concatenate(blocks)[:limit] if blocks else np.zeros(0, np.float32)
+            return Clip(x.astype(np.float32), int(f.samplerate), int(f.channels), str(f.subtype))
     except FoldernetError:
         raise
     except Exception:  # noqa: BLE001 - not something libsndfile reads: let FFmpeg try
@@ -116,6 +126,7 @@ def _read_with_av(data: bytes, max_seconds: float) -> Clip:
             stream = container.streams.audio[0]
             rate = int(stream.rate or stream.codec_context.sample_rate)
             channels = int(stream.codec_context.channels or 1)
+            _check_header(rate, channels)
             chunks, total = [], 0
             resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
             for frame in container.decode(stream):
@@ -131,6 +142,11 @@ def _read_with_av(data: bytes, max_seconds: float) -> Clip:
         raise
     except Exception as exc:  # noqa: BLE001 - anything FFmpeg cannot decode is not audio for us
         raise FoldernetError(f"not a readable audio file ({type(exc).__name__})") from None
+
+
+def _check_header(rate: int, channels: int) -> None:
+    if not 1000 <= rate <= MAX_RATE or not 1 <= channels <= MAX_CHANNELS:
+        raise FoldernetError(f"implausible audio header ({rate} Hz, {channels} channels): the file is damaged")
 
 
 def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -164,9 +180,8 @@ def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -
     return fb
 
 
-def log_mel(x: np.ndarray, cfg: AudioConfig) -> np.ndarray:
-    """(n_mels, frames) in dB relative to the window's loudest bin, clipped to [-top_db, 0]: loudness
-    (microphone, speaker, gain) does not change the picture, only the spectral shape does."""
+def _raw_db(x: np.ndarray, cfg: AudioConfig) -> np.ndarray:
+    """Mel power in dB, unreferenced and unclipped."""
     n_fft, hop = cfg.n_fft, cfg.hop_length
     pad = n_fft // 2
     x = np.pad(x, (pad, pad), mode="constant")
@@ -175,8 +190,14 @@ def log_mel(x: np.ndarray, cfg: AudioConfig) -> np.ndarray:
     window = np.hanning(n_fft + 1)[:-1].astype(np.float32)
     spec = np.abs(np.fft.rfft(x[idx] * window, axis=1)) ** 2 / (window.sum() ** 2 / 4)
     mel = mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels, cfg.fmin, cfg.fmax) @ spec.T
-    db = 10.0 * np.log10(np.maximum(mel, 1e-12))
-    return np.clip(db - db.max(), -cfg.top_db, 0.0)
+    return 10.0 * np.log10(np.maximum(mel, 1e-12))
+
+
+def log_mel(x: np.ndarray, cfg: AudioConfig, ref_db: float | None = None) -> np.ndarray:
+    """(n_mels, frames) in dB relative to ``ref_db`` (default: this window's loudest bin), clipped to
+    [-top_db, 0]: loudness (microphone, speaker, gain) does not change the picture, only its shape."""
+    db = _raw_db(x, cfg)
+    return np.clip(db - (db.max() if ref_db is None else ref_db), -cfg.top_db, 0.0)
 
 
 def windows(x: np.ndarray, cfg: AudioConfig) -> list[np.ndarray]:
@@ -206,9 +227,12 @@ def spectrogram_image(db: np.ndarray, cfg: AudioConfig, size: int | None = None)
 def clip_images(source, cfg: AudioConfig, size: int | None = None) -> tuple[list[Image.Image], dict]:
     """Decode, resample, window and render a clip: (one image per window, facts for the audit)."""
     clip = read_audio(source)
+    clip.samples = np.clip(np.nan_to_num(clip.samples, nan=0.0, posinf=1.0, neginf=-1.0), -10.0, 10.0)
     x = resample(clip.samples, clip.sample_rate, cfg.sample_rate)
     facts = audio_facts(clip)
-    return [spectrogram_image(log_mel(w, cfg), cfg, size) for w in windows(x, cfg)], facts
+    mels = [_raw_db(w, cfg) for w in windows(x, cfg)]
+    ref = max(float(m.max()) for m in mels)  # the clip's loudest bin: quiet windows stay quiet
+    return [spectrogram_image(np.clip(m - ref, -cfg.top_db, 0.0), cfg, size) for m in mels], facts
 
 
 def audio_facts(clip: Clip) -> dict:

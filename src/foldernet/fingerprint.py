@@ -19,12 +19,12 @@ LOW_INFO_MAX_COLOURS = 64
 LOW_INFO_MIN_DOMINANT = 0.75
 
 
-def fingerprint(img: Image.Image) -> dict:
+def fingerprint(img: Image.Image, original_size: tuple[int, int] | None = None) -> dict:
+    """Facts of an image; ``original_size`` when ``img`` is a resized copy of the file's pixels."""
     import imagehash
 
-    w, h = img.size
+    w, h = original_size or img.size
     small = img.copy()
-    small.draft("RGB", (128, 128))
     small.thumbnail((128, 128))
     gray = small.convert("L")
     ph = imagehash.phash(gray, hash_size=HASH_SIZE)

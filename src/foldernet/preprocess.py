@@ -45,24 +45,37 @@ class Preprocess:
     def resize_size(self) -> int:
         return int(math.floor(self.size / self.crop_pct))
 
-    def resize_crop(self, img: Image.Image) -> Image.Image:
+    def resize(self, img: Image.Image) -> Image.Image:
+        """Short side to ``resize_size`` (timm's Resize)."""
         w, h = img.size
         short = self.resize_size
         if w <= h:
             nw, nh = short, max(1, int(short * h / w))
         else:
             nw, nh = max(1, int(short * w / h)), short
-        img = img.resize((nw, nh), _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC))
+        return img.resize((nw, nh), _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC))
+
+    def crop(self, img: Image.Image) -> Image.Image:
+        """Centre crop ``size`` (timm's CenterCrop) of an image already resized."""
+        nw, nh = img.size
         top = int(round((nh - self.size) / 2.0))
         left = int(round((nw - self.size) / 2.0))
         return img.crop((left, top, left + self.size, top + self.size))
 
-    def __call__(self, img: Image.Image) -> np.ndarray:
-        """RGB PIL image -> float32 array (3, size, size)."""
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        return self.crop(self.resize(img))
+
+    def __call__(self, img: Image.Image, resized: bool = False) -> np.ndarray:
+        """RGB PIL image (already ``resize``d when ``resized``) -> float32 array (3, size, size)."""
+        if resized:
+            return self.normalize(self.crop(img))
+        return self.normalize(self.resize_crop(img))
+
+    def normalize(self, img: Image.Image) -> np.ndarray:
         # one fused multiply-add per pixel: (x / 255 - mean) / std == x * scale + offset
         scale = 1.0 / (255.0 * np.asarray(self.std, np.float32))
         offset = -np.asarray(self.mean, np.float32) / np.asarray(self.std, np.float32)
-        arr = np.asarray(self.resize_crop(img), dtype=np.float32).transpose(2, 0, 1)
+        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
         out = np.empty(arr.shape, np.float32)
         np.multiply(arr, scale[:, None, None], out=out)
         out += offset[:, None, None]
@@ -106,7 +119,8 @@ def decode_windows(data: bytes, pre: Preprocess, audio_cfg=None, hint: str = "")
         fp.update(facts)
         return np.stack([pre(im) for im in images]), fp
     img = open_image(data, draft_size=pre.resize_size)
-    return pre(img)[None], fingerprint(img)
+    resized = pre.resize(img)  # the fingerprint works from the resized image: no second pass over the full one
+    return pre(resized, resized=True)[None], fingerprint(resized, original_size=img.size)
 
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif")
