@@ -33,6 +33,9 @@ from .preprocess import AUDIO_SUFFIXES, Preprocess, decode_windows, softmax  # n
 from .progress import progress_bar
 
 log = logging.getLogger("foldernet")
+# Part of every feature-cache key: bump it whenever decoding, preprocessing or spectrogram code
+# changes what pixels a file turns into, so stale features are never reused.
+PIPELINE_VERSION = 3
 
 
 def cache_dir() -> Path:
@@ -209,7 +212,8 @@ class FeatureExtractor:
         self.digest = digest
         self.audio = audio  # an audio.AudioConfig when the model classifies sounds
         self.model_key = hashlib.blake2b(
-            json.dumps([backbone_name, digest, preprocess.to_dict(), audio.to_dict() if audio else None, "v2"]
+            json.dumps([backbone_name, digest, preprocess.to_dict(), audio.to_dict() if audio else None,
+                        PIPELINE_VERSION]
                        ).encode(), digest_size=12).hexdigest()
         self.engine = make_engine(model, preprocess.size, digest, prefer=engine)
         self.cache = FeatureCache() if use_cache else None
