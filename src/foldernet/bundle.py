@@ -21,7 +21,7 @@ import numpy as np
 from . import __version__
 from .errors import FoldernetError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from .preprocess import Preprocess, softmax
+from .preprocess import Preprocess, mean_per_input, softmax
 
 BUNDLE_FORMAT = 1
 
@@ -205,9 +205,7 @@ class Classifier(Predictor):
 
     def forward(self, pixel_list: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Per input (k windows each): probabilities and the mean embedding."""
-        flat = self.extractor.engine(np.concatenate(pixel_list))
-        bounds = np.cumsum([0] + [len(p) for p in pixel_list])
-        feats = np.stack([flat[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
+        feats = mean_per_input(self.extractor.engine(np.concatenate(pixel_list)), [len(p) for p in pixel_list])
         return self.proba_from_features(feats), feats
 
     def predict_batch(self, sources: Sequence, progress: bool = False):

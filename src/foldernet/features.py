@@ -29,7 +29,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .preprocess import AUDIO_SUFFIXES, Preprocess, decode_windows, softmax  # noqa: F401 - softmax re-exported
+from .preprocess import (AUDIO_SUFFIXES, Preprocess, decode_windows, mean_per_input, read_source,  # noqa: F401
+                         softmax, source_pixels)
 from .progress import progress_bar
 
 log = logging.getLogger("foldernet")
@@ -151,17 +152,19 @@ class FeatureCache:
             rows = self.db.execute("SELECT content_hash FROM features WHERE model_key=?", (model_key,))
             return {r[0] for r in rows}
 
-    def get_many(self, model_key: str, hashes: Sequence[str]) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
+    def _select(self, sql: str, prefix: list, hashes: Sequence[str]) -> list[tuple]:
+        """Rows of ``sql`` (ending in ``content_hash IN ({})``) for ``hashes``, 500 at a time."""
+        rows: list[tuple] = []
         with self.lock:
             for i in range(0, len(hashes), 500):
                 chunk = list(hashes[i:i + 500])
-                q = ",".join("?" * len(chunk))
-                for h, blob in self.db.execute(
-                        f"SELECT content_hash, vec FROM features WHERE model_key=? AND content_hash IN ({q})",
-                        [model_key, *chunk]):
-                    out[h] = np.frombuffer(blob, dtype=np.float32)
-        return out
+                rows += self.db.execute(sql.format(",".join("?" * len(chunk))), [*prefix, *chunk]).fetchall()
+        return rows
+
+    def get_many(self, model_key: str, hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        rows = self._select("SELECT content_hash, vec FROM features WHERE model_key=? AND content_hash IN ({})",
+                            [model_key], hashes)
+        return {h: np.frombuffer(blob, dtype=np.float32) for h, blob in rows}
 
     def put_many(self, model_key: str, pairs: Iterable[tuple[str, np.ndarray]]) -> None:
         with self.lock, self.db:
@@ -169,15 +172,8 @@ class FeatureCache:
                                 [(model_key, h, np.asarray(v, np.float32).tobytes()) for h, v in pairs])
 
     def get_fingerprints(self, hashes: Sequence[str]) -> dict[str, dict]:
-        out: dict[str, dict] = {}
-        with self.lock:
-            for i in range(0, len(hashes), 500):
-                chunk = list(hashes[i:i + 500])
-                q = ",".join("?" * len(chunk))
-                for h, fp in self.db.execute(f"SELECT content_hash, fp FROM fingerprints WHERE content_hash IN ({q})",
-                                             chunk):
-                    out[h] = json.loads(fp)
-        return out
+        rows = self._select("SELECT content_hash, fp FROM fingerprints WHERE content_hash IN ({})", [], hashes)
+        return {h: json.loads(fp) for h, fp in rows}
 
     def put_fingerprints(self, pairs: Iterable[tuple[str, dict]]) -> None:
         with self.lock, self.db:
@@ -224,18 +220,12 @@ class FeatureExtractor:
     def pixels(self, source: str | os.PathLike | bytes) -> np.ndarray:
         """Preprocessed pixels (k, 3, S, S) of one input (k windows for audio, 1 for an image),
         exactly as extraction computes them."""
-        data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
-        hint = "" if isinstance(source, (bytes, bytearray)) else str(source)
-        return decode_windows(data, self.preprocess, self.audio, hint)[0]
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """(k, 3, S, S) window pixels -> one (D,) embedding: the mean over windows."""
-        return self.engine(pixels).mean(axis=0)
+        return source_pixels(source, self.preprocess, self.audio)
 
     def _load(self, source, known: set[str]) -> tuple[str | None, np.ndarray | None, dict | None, str | None]:
         """Read, hash, and (unless cached) decode one input: (hash, pixels, fingerprint, error)."""
         try:
-            data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+            data, hint = read_source(source)
         except OSError as exc:
             return None, None, None, f"cannot read file: {exc.strerror or exc}"
         if not data:
@@ -243,7 +233,6 @@ class FeatureExtractor:
         h = content_hash(data)
         if h in known:
             return h, None, None, None
-        hint = "" if isinstance(source, (bytes, bytearray)) else str(source)
         try:
             pix, fp = decode_windows(data, self.preprocess, self.audio, hint)
             return h, pix, fp, None
@@ -256,7 +245,6 @@ class FeatureExtractor:
 
         start = time.perf_counter()
         n = len(sources)
-        # a file counts as cached only when both its features and its fingerprint are
         known = self.cache.keys(self.model_key) if self.cache else set()
         vectors: list[np.ndarray | None] = [None] * n
         hashes: list[str | None] = [None] * n
@@ -272,10 +260,7 @@ class FeatureExtractor:
                 return
             rows = np.concatenate([p for _, _, p in pending])
             flat = np.concatenate([self.engine(rows[j:j + self.batch_size]) for j in range(0, len(rows), self.batch_size)])
-            out, at = [], 0
-            for _, _, p in pending:  # windows of one input -> their mean embedding
-                out.append(flat[at:at + len(p)].mean(axis=0))
-                at += len(p)
+            out = mean_per_input(flat, [len(p) for _, _, p in pending])  # a clip's windows -> one embedding
             for (i, _, _), v in zip(pending, out):
                 vectors[i] = v
             if self.cache:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .bundle import Predictor
 from .errors import FoldernetError
-from .preprocess import Preprocess, decode_windows, softmax
+from .preprocess import Preprocess, mean_per_input, softmax, source_pixels
 
 
 class OnnxClassifier(Predictor):
@@ -60,9 +60,7 @@ class OnnxClassifier(Predictor):
 
     def pixels(self, source) -> np.ndarray:
         """(k, 3, S, S): one row for an image, one per window for audio."""
-        data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
-        hint = "" if isinstance(source, (bytes, bytearray)) else str(source)
-        return decode_windows(data, self.preprocess, self.audio, hint)[0]
+        return source_pixels(source, self.preprocess, self.audio)
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
@@ -72,18 +70,11 @@ class OnnxClassifier(Predictor):
         """Per input (k windows each): probabilities from the mean logits, and the mean features."""
         rows = np.concatenate(pixel_list)
         parts = [self.run(rows[i:i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
-        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        probs, feats, at = [], [], 0
-        for pix in pixel_list:
-            sl = slice(at, at + len(pix))
-            at += len(pix)
-            if len(pix) == 1 or "logits" not in out:
-                probs.append(out["probabilities"][sl].mean(axis=0))
-            else:
-                probs.append(softmax(out["logits"][sl].mean(axis=0, keepdims=True) / self.temperature)[0])
-            if "features" in out:
-                feats.append(out["features"][sl].mean(axis=0))
-        return np.stack(probs), (np.stack(feats) if feats else None)
+        out = {k: mean_per_input(np.concatenate([p[k] for p in parts]), [len(p) for p in pixel_list])
+               for k in parts[0]}
+        # averaging logits (not probabilities) matches the bundle, which averages embeddings
+        probs = softmax(out["logits"] / self.temperature) if "logits" in out else out["probabilities"]
+        return probs, out.get("features")
 
     def predict_batch(self, sources: Sequence, progress: bool = False):
         def load(src):

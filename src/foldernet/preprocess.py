@@ -4,6 +4,7 @@ predictor and the web server all compute the same pixels byte for byte (no torch
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -105,13 +106,32 @@ def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = N
     return replace(pre, crop_pct=1.0), cfg
 
 
+def read_source(source) -> tuple[bytes, str]:
+    """(bytes, name hint) of a path or raw bytes; the hint is empty for bytes."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source), ""
+    return Path(source).read_bytes(), str(source)
+
+
+def source_pixels(source, pre: "Preprocess", audio_cfg=None) -> np.ndarray:
+    """(k, 3, S, S) pixels of a path or bytes: one row for an image, one per window for audio."""
+    data, hint = read_source(source)
+    return decode_windows(data, pre, audio_cfg, hint)[0]
+
+
+def mean_per_input(rows: np.ndarray, lengths: list[int]) -> np.ndarray:
+    """Rows of all inputs' windows stacked -> the mean row of each input (a clip's windows -> one)."""
+    bounds = np.cumsum([0] + list(lengths))
+    return np.stack([rows[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
 def decode_windows(data: bytes, pre: Preprocess, audio_cfg=None, hint: str = "") -> tuple[np.ndarray, dict]:
     """Any input -> ((k, 3, S, S) pixels, fingerprint). Images give k = 1; audio (when the model has
     an audio config, judged by content) gives one spectrogram image per window."""
     from .data import open_image
     from .fingerprint import fingerprint
 
-    if audio_cfg is not None and (hint.lower().endswith(AUDIO_SUFFIXES) or not _looks_like_image(data)):
+    if audio_cfg is not None and (hint.lower().endswith(AUDIO_SUFFIXES) or not looks_like_image(data)):
         from .audio import clip_images
 
         images, facts = clip_images(data, audio_cfg, size=pre.size)
@@ -126,7 +146,7 @@ def decode_windows(data: bytes, pre: Preprocess, audio_cfg=None, hint: str = "")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif")
 
 
-def _looks_like_image(data: bytes) -> bool:
+def looks_like_image(data: bytes) -> bool:
     import io
 
     try:

@@ -45,9 +45,9 @@ def sniff_and_decode(data: bytes, limits: Limits, pixels_fn, audio: bool = False
     if not data:
         raise UploadError(400, "the upload is empty")
     if audio:
-        from .preprocess import _looks_like_image
+        from .preprocess import looks_like_image
 
-        if not _looks_like_image(data):
+        if not looks_like_image(data):
             try:
                 return pixels_fn(data)
             except Exception:  # noqa: BLE001
@@ -274,9 +274,9 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
 def _spectrogram_uri(data: bytes, cfg) -> str | None:
     import base64
 
-    from .preprocess import _looks_like_image
+    from .preprocess import looks_like_image
 
-    if _looks_like_image(data):
+    if looks_like_image(data):
         return None
     from .audio import spectrogram_png
 
