@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FoldernetError
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_csv
 from .progress import progress_bar
 
 LOG_NAME = "collect_log.csv"
@@ -192,12 +192,8 @@ def collect(url_list: str | os.PathLike, out: str | os.PathLike, workers: int = 
             list(pool.map(work, todo))
     dl.client.close()
     # rewrite the log with one line per row (the latest status), and the groups file
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: results.get((r.url, r.label), {}).get(k, "") for k in fields} | {"url": r.url, "label": r.label})
-    atomic_write_text(log_path, buf.getvalue())
+    atomic_write_csv(log_path, fields, (results.get((r.url, r.label), {}) | {"url": r.url, "label": r.label}
+                                        for r in rows))
     groups = {res["file"]: res.get("group", "") for res in results.values() if res.get("file") and res.get("group")}
     if groups:
         merge_groups(out, groups)
@@ -217,12 +213,7 @@ def merge_groups(root: Path, groups: dict[str, str]) -> Path:
         with open(path, newline="", encoding="utf-8") as f:
             existing = {r["path"]: r["group"] for r in csv.DictReader(f)}
     existing.update(groups)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "group"])
-    for p in sorted(existing):
-        w.writerow([p, existing[p]])
-    return atomic_write_text(path, buf.getvalue())
+    return atomic_write_csv(path, ["path", "group"], ([p, existing[p]] for p in sorted(existing)))
 
 
 def extract_frames(videos: list[str | os.PathLike], out: str | os.PathLike, every: float = 0.5,

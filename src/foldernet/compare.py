@@ -4,7 +4,6 @@ images. Writes ``leaderboard.md``, ``leaderboard.csv`` and ``leaderboard.png``."
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import statistics
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import FoldernetError
-from .io import atomic_write_bytes, atomic_write_text, check_new_output
+from .io import atomic_write_bytes, atomic_write_csv, atomic_write_text, check_new_output
 from .progress import console
 
 
@@ -67,11 +66,7 @@ def compare(data: str | os.PathLike, out: str | os.PathLike, backbones: list[str
     ranked = sorted((r for r in rows if "accuracy" in r), key=lambda r: (-r["accuracy"], -r["macro_f1"]))
     ranked += [r for r in rows if "accuracy" not in r]
     cols = ["model", "accuracy", "macro_f1", "top3", "train_seconds", "model_mb", "latency_ms", "split", "n", "error"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(ranked)
-    atomic_write_text(out / "leaderboard.csv", buf.getvalue())
+    atomic_write_csv(out / "leaderboard.csv", cols, ranked)
     md = ["| " + " | ".join(cols[:-1]) + " |", "|" + "---|" * (len(cols) - 1)]
     md += ["| " + " | ".join(str(r.get(c, "")) for c in cols[:-1]) + " |" for r in ranked]
     atomic_write_text(out / "leaderboard.md", f"# Leaderboard: {Path(data).name}\n\n" + "\n".join(md) + "\n")

@@ -44,6 +44,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 
+def atomic_write_csv(path: str | os.PathLike, header: list[str], rows) -> Path:
+    """A CSV written atomically; each row is a sequence, or a dict read by ``header`` (missing -> "")."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for row in rows:
+        w.writerow([row.get(k, "") for k in header] if isinstance(row, dict) else row)
+    return atomic_write_text(path, buf.getvalue())
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
 

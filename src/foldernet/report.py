@@ -21,13 +21,17 @@ SECTIONS = ["summary", "metrics", "per-class", "confusion", "confused-pairs", "c
             "misclassified", "data-checks"]
 
 
-def _png(fig) -> str:
+def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def _uri(png: bytes | None) -> str | None:
+    return "data:image/png;base64," + base64.b64encode(png).decode() if png else None
 
 
 def _plt():
@@ -39,7 +43,7 @@ def _plt():
     return plt
 
 
-def curves_png(history: list[dict]) -> str | None:
+def curves_png(history: list[dict]) -> bytes | None:
     if not history:
         return None
     plt = _plt()
@@ -60,7 +64,7 @@ def curves_png(history: list[dict]) -> str | None:
     return _png(fig)
 
 
-def reliability_png(m: dict) -> str | None:
+def reliability_png(m: dict) -> bytes | None:
     if "reliability" not in m:
         return None
     plt = _plt()
@@ -140,8 +144,7 @@ def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = N
         parts.append("<section id='per-class'><h2>Per class</h2>"
                      + _table(["class", "precision", "recall", "F1", "support"], pc, "num") + "</section>")
         cm_png = run / "confusion_matrix.png"
-        img = ("<img alt='confusion matrix' src='data:image/png;base64,"
-               + base64.b64encode(cm_png.read_bytes()).decode() + "'>") if cm_png.exists() else ""
+        img = f"<img alt='confusion matrix' src='{_uri(cm_png.read_bytes())}'>" if cm_png.exists() else ""
         parts.append(f"<section id='confusion'><h2>Confusion matrix</h2>{img}</section>")
         pairs = most_confused(m, 10)
         parts.append("<section id='confused-pairs'><h2>Most confused pairs</h2>"
@@ -153,10 +156,11 @@ def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = N
                          + _table(["coarse class", "precision", "recall", "F1", "support"],
                                   [[e(c), _pct(v["precision"]), _pct(v["recall"]), f"{v['f1']:.3f}", str(v["support"])]
                                    for c, v in cm["per_class"].items()], "num") + "</section>")
-    curves = curves_png(metrics.get("history", []))
+    saved = run / "curves.png"  # train already drew it; draw only when it is missing
+    curves = _uri(saved.read_bytes() if saved.exists() else curves_png(metrics.get("history", [])))
     parts.append("<section id='curves'><h2>Training curves</h2>"
                  + (f"<img alt='training curves' src='{curves}'>" if curves else "<p>no history</p>") + "</section>")
-    rel = reliability_png(m) if m else None
+    rel = _uri(reliability_png(m)) if m else None
     parts.append("<section id='calibration'><h2>Calibration (reliability diagram)</h2>"
                  + (f"<img alt='reliability diagram' src='{rel}'>" if rel else "<p>no validation data</p>") + "</section>")
 

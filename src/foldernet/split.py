@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .data import Dataset, Item
 from .errors import FoldernetError
-from .io import atomic_write_text
+from .io import atomic_write_csv
 
 SPLITS = ("train", "val", "test")
 
@@ -70,14 +70,8 @@ def _hash_split(items: list[Item], val: float, test: float, seed: int) -> None:
 
 
 def write_splits_csv(items: list[Item], path: str | os.PathLike) -> None:
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "split", "group"])
-    for it in sorted(items, key=lambda x: x.relpath):
-        w.writerow([it.relpath, it.label, it.split, it.group or ""])
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, ["path", "label", "split", "group"],
+                     ([it.relpath, it.label, it.split, it.group or ""] for it in sorted(items, key=lambda x: x.relpath)))
 
 
 def read_splits_csv(path: str | os.PathLike) -> dict[str, str]:

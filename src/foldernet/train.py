@@ -3,8 +3,6 @@ stopping on the validation split -> evaluate -> bundle. One call, one folder out
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import platform
@@ -22,7 +20,7 @@ from .evaluate import (K_NEIGHBOURS, NOT_SURE_QUANTILE, choose_thresholds, coars
                        expected_calibration_error, not_sure_mask, plot_confusion_matrix, read_label_map,
                        reliability_bins)
 from .features import FeatureExtractor, softmax
-from .io import atomic_write_bytes, atomic_write_text, staged_dir
+from .io import atomic_write_bytes, atomic_write_csv, staged_dir
 from .models import DEFAULT_BACKBONE, create_backbone, state_digest
 from .preprocess import for_dataset
 from .progress import console, progress_bar
@@ -399,15 +397,17 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         train_rows = np.flatnonzero(sel["train"])
         save_index(tmp / "model", feats.vectors[train_rows], [ds.items[i].relpath for i in train_rows],
                    [ds.items[i].label for i in train_rows])
-        _write_rows(pred_rows, tmp / "predictions.csv")
-        _write_history(history, tmp / "history.csv")
+        if pred_rows:
+            atomic_write_csv(tmp / "predictions.csv", list(pred_rows[0]), pred_rows)
+        atomic_write_csv(tmp / "history.csv", sorted({k for row in history for k in row},
+                                                      key=lambda k: (k != "epoch", k)), history)
         write_curves(history, tmp)
         if report:
             from .report import write_report
 
             write_report(tmp, data_root=ds.root, title=Path(out).name)
         if skipped:
-            _write_skipped(skipped, tmp / "skipped.csv")
+            atomic_write_csv(tmp / "skipped.csv", ["path", "reason"], skipped)
     if rank > 0:
         import shutil
 
@@ -416,24 +416,13 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
     return TrainResult(run_dir=Path(out), metrics=metrics, timings=timings, config=config, skipped=skipped)
 
 
-def _write_history(history: list[dict], path: Path) -> None:
-    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    w.writeheader()
-    w.writerows(history)
-    atomic_write_text(path, buf.getvalue())
-
-
 def write_curves(history: list[dict], run: Path) -> None:
     """Training curves as PNG and, when tensorboard is installed, as TensorBoard event files."""
     from .report import curves_png
 
-    uri = curves_png(history)
-    if uri:
-        import base64
-
-        atomic_write_bytes(run / "curves.png", base64.b64decode(uri.split(",", 1)[1]))
+    png = curves_png(history)
+    if png:
+        atomic_write_bytes(run / "curves.png", png)
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # noqa: BLE001 - tensorboard is optional
@@ -444,21 +433,3 @@ def write_curves(history: list[dict], run: Path) -> None:
             if key != "epoch" and isinstance(value, (int, float)):
                 writer.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
     writer.close()
-
-
-def _write_rows(rows: list[dict], path: Path) -> None:
-    if not rows:
-        return
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def _write_skipped(skipped: list, path: Path) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "reason"])
-    w.writerows(skipped)
-    atomic_write_text(path, buf.getvalue())
