@@ -101,6 +101,17 @@ def run_load(port: int, payloads: list[tuple[str, bytes, bool]], clients: int, s
     }
 
 
+def load_served_run(run: Path, payloads: list[tuple[str, bytes, bool]], clients: int, seconds: float) -> dict:
+    """Start `foldernet serve run` on a free loopback port, load it, always stop it."""
+    port = free_port()
+    proc = start_server(run, port)
+    try:
+        return run_load(port, payloads, clients, seconds, proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def demo_bundle(tmp: Path, export: bool = True) -> tuple[Path, list[Path]]:
     """A small trained (and exported) bundle on the demo digits, and its image files."""
     import foldernet

@@ -103,7 +103,7 @@ def main() -> int:
         model = _full_model(clf)
         size = clf.preprocess.size
         files = sorted(data.rglob("*.png"))[:32]
-        batch = np.stack([clf.extractor.pixels(f) for f in files])
+        batch = np.concatenate([clf.extractor.pixels(f) for f in files])
         flops = model_gflops(model, size)
 
         def torch_run(x, channels_last=False):

@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import DATASETS, print_table  # noqa: E402
-from _load import demo_bundle, free_port, run_load, start_server  # noqa: E402
+from _load import demo_bundle, load_served_run  # noqa: E402
 
 
 def main() -> int:
@@ -34,7 +34,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="foldernet-serve-load-") as tmp:
         run, files = demo_bundle(Path(tmp))
         clf = OnnxClassifier(run / "export" / "model.onnx")
-        batch = np.stack([clf.pixels(f) for f in files[:32]])
+        batch = np.concatenate([clf.pixels(f) for f in files[:32]])
         clf.run(batch)
         t = time.perf_counter()
         for _ in range(5):
@@ -50,13 +50,7 @@ def main() -> int:
                 buf = io.BytesIO()
                 Image.open(f).convert("RGB").resize((400, 300)).save(buf, "JPEG")
                 payloads.append((f.name, buf.getvalue(), True))
-        port = free_port()
-        proc = start_server(run, port)
-        try:
-            res = run_load(port, payloads, args.clients, args.seconds, proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        res = load_served_run(run, payloads, args.clients, args.seconds)
     res.update({"clients": args.clients, "seconds": args.seconds, "bare_model_img_per_s": round(bare, 1),
                 "fraction_of_bare": round(res["ok_per_s"] / bare, 3),
                 "uploads": "hymenoptera photos" if photos else "digits as JPEG"})

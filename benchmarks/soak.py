@@ -19,7 +19,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from _common import print_table  # noqa: E402
-from _load import demo_bundle, free_port, run_load, start_server  # noqa: E402
+from _load import demo_bundle, load_served_run  # noqa: E402
 
 
 def payloads(files: list[Path]) -> list[tuple[str, bytes, bool]]:
@@ -44,13 +44,7 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="foldernet-soak-") as tmp:
         run, files = demo_bundle(Path(tmp))
-        port = free_port()
-        proc = start_server(run, port)
-        try:
-            res = run_load(port, payloads(files), args.clients, args.seconds, proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        res = load_served_run(run, payloads(files), args.clients, args.seconds)
     res.update({"clients": args.clients, "seconds": args.seconds,
                 "bad_all_4xx": res["bad_answered_4xx"] == res["bad_uploads"],
                 "rss_growth_last_half_mb": round(res["rss_quarters_mb"][3] - res["rss_quarters_mb"][1], 1)})
