@@ -13,7 +13,12 @@
 Prints a table and JSON lines with accuracy, macro-F1 and wall time; skips a part whose data or
 tools are missing.
 
-    python benchmarks/audio.py [--mode head|finetune] [--epochs 4] [--parts nsynth,digits]
+Each part runs the recipe that measured best here (RECIPES; speech: the scratch CNN on 64 px
+spectrograms with frequency/time warping, 20 epochs; instrument notes: ImageNet features + head);
+--backbone/--mode/--epochs/--img-size override it.
+
+    python benchmarks/audio.py [--parts nsynth,digits] [--backbone NAME|scratch] [--mode head|finetune]
+                               [--epochs N] [--img-size N]
 """
 
 from __future__ import annotations
@@ -38,7 +43,21 @@ def soundfont() -> Path | None:
     return None
 
 
-def run(name: str, data: Path, out: Path, mode: str, epochs: int, img_size: int | None = None,
+RECIPES = {
+    "nsynth": {"backbone": "tf_efficientnet_lite0", "mode": "head", "epochs": None, "img_size": None},
+    "digits": {"backbone": "scratch", "mode": "finetune", "epochs": 20, "img_size": 64},
+}
+
+
+def recipe(part: str, args) -> dict:
+    r = dict(RECIPES[part])
+    for k in r:
+        if getattr(args, k) is not None:
+            r[k] = getattr(args, k)
+    return r
+
+
+def run(name: str, data: Path, out: Path, mode: str, epochs: int | None, img_size: int | None = None,
         backbone: str = "tf_efficientnet_lite0", **kw) -> dict:
     import foldernet
 
@@ -55,11 +74,11 @@ def run(name: str, data: Path, out: Path, mode: str, epochs: int, img_size: int 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", default="head")
-    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--parts", default="nsynth,digits")
+    ap.add_argument("--mode", default=None, help="head | finetune (default: the part's recipe)")
+    ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--img-size", type=int, default=None, help="input size (smaller = faster fine-tuning)")
-    ap.add_argument("--backbone", default="tf_efficientnet_lite0", help="a timm name, or scratch")
+    ap.add_argument("--backbone", default=None, help="a timm name, or scratch")
     args = ap.parse_args()
     parts = args.parts.split(",")
     rows = []
@@ -73,16 +92,16 @@ def main() -> int:
                 notes = tmp / "nsynth"
                 subprocess.run([sys.executable, str(render), str(sf2), str(notes)], check=True,
                                stdout=subprocess.DEVNULL)
-                rows.append({**run("nsynth-like families, unseen instruments", notes, tmp / "run-nsynth", args.mode,
-                                   args.epochs, args.img_size, args.backbone, group_by=r"regex:_gm(\d+)-", audio={"window_seconds": 2.0},
-                                   allow_leakage=True),
+                rows.append({**run("nsynth-like families, unseen instruments", notes, tmp / "run-nsynth",
+                                   **recipe("nsynth", args), group_by=r"regex:_gm(\d+)-",
+                                   audio={"window_seconds": 2.0}, allow_leakage=True),
                              "target": ">= 0.75"})
         if "digits" in parts:
             rec = DATASETS / "spoken-digits" / "recordings"
             if not rec.is_dir():
                 print(f"skip digits: {rec} not found", file=sys.stderr)
             else:
-                rows.append({**run("spoken digits, unseen speakers", rec, tmp / "run-digits", args.mode, args.epochs, args.img_size, args.backbone,
+                rows.append({**run("spoken digits, unseen speakers", rec, tmp / "run-digits", **recipe("digits", args),
                                    label_regex=r"^(\d+)_", group_by=r"regex:^\d+_([^_]+)_"),
                              "target": ">= 0.85"})
     if rows:

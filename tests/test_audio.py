@@ -7,7 +7,8 @@ import pytest
 import soundfile as sf
 
 import foldernet
-from foldernet.audio import AudioConfig, log_mel, read_audio, resample, windows
+from foldernet.audio import (AudioConfig, config_for, log_mel, mel_filterbank, read_audio, resample,
+                             warp_spectrogram, windows)
 
 RATES = (8000, 16000, 22050, 44100)
 
@@ -93,6 +94,39 @@ def test_train_predict_and_export_on_audio(sounds, tmp_path):
     torch_pred = model.predict([tmp_path / "long_low.wav"])[0]
     assert onnx_pred.label == torch_pred.label
     assert abs(onnx_pred.confidence - torch_pred.confidence) < 1e-3
+
+
+def test_spectrogram_warp_moves_pitch_and_time_but_keeps_the_frame():
+    cfg = AudioConfig()
+    t = np.arange(16000) / 16000
+    burst = np.sin(2 * np.pi * 1000 * t) * (np.abs(t - 0.5) < 0.1)  # 1 kHz, 0.2 s, mid-window
+    db = log_mel(burst.astype(np.float32), cfg)
+    rng = np.random.default_rng(0)
+    assert np.array_equal(warp_spectrogram(db, rng, cfg.top_db, stretch=0.0, shift=0.0, gain_db=(0, 0)), db)
+    peak_row = int(np.argmax(db.max(axis=1)))
+    rows, starts = [], []
+    for _ in range(40):
+        w = warp_spectrogram(db, rng, cfg.top_db)
+        assert w.shape == db.shape and w.min() >= -cfg.top_db and w.max() <= 0
+        rows.append(int(np.argmax(w.max(axis=1))))
+        starts.append(int(np.argmax(w.max(axis=0) > -20)))
+    assert min(rows) < peak_row < max(rows) and max(rows) <= peak_row * 1.2  # up and down, by <= 15 %
+    assert len(set(starts)) > 5  # the sound moves in time
+
+
+def test_speech_rate_config_and_scratch_cnn_learn_from_spectrograms(sounds, tmp_path):
+    narrow = tmp_path / "narrow.wav"
+    sf.write(narrow, np.zeros(8000, np.float32), 8000)
+    cfg = config_for([narrow])
+    assert (cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmax) == (8000, 256, 64, 4000)
+    assert (mel_filterbank(8000, 256, 64, 20.0, 4000.0).sum(axis=1) > 0).all()  # no empty mel band at the speech setting
+    result = foldernet.train(sounds, out=tmp_path / "run", backbone="scratch", img_size=48, epochs=8,
+                             progress=False, val=0.2, test=0.2)
+    assert result.config["training"]["finetune"]["epochs"] == 8
+    m = result.metrics["splits"]
+    n = m["val"]["n"] + m["test"]["n"]
+    acc = (m["val"]["accuracy"] * m["val"]["n"] + m["test"]["accuracy"] * m["test"]["n"]) / n
+    assert acc >= 0.6  # chance is 1/3
 
 
 def test_audio_audit_flags_silent_clipped_short_corrupt_and_mixed_rates(sounds, tmp_path):

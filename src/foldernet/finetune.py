@@ -95,8 +95,9 @@ def spec_augment(x, masks: int, max_frac: float = 0.15):
 
 class FolderDataset:
     """(image, label) pairs decoded on demand; unreadable files were already dropped by extraction.
-    For audio: training draws a random window (and, with ``strong``, mixes in another training clip
-    at low gain, keeping this clip's label) and applies SpecAugment; evaluation takes the middle window."""
+    For audio: training draws a random window, stretches it in frequency and time and shifts it
+    (``warp_spectrogram``), with ``strong`` mixes in another training clip at low gain (keeping this
+    clip's label), and applies SpecAugment; evaluation takes the middle window."""
 
     def __init__(self, paths: list[Path], labels: np.ndarray, transform, draft: int, audio=None,
                  augment: str = "none", pre: Preprocess | None = None, train: bool = False):
@@ -109,7 +110,7 @@ class FolderDataset:
     def _audio_item(self, i: int):
         import torch
 
-        from .audio import log_mel, read_audio, resample, spectrogram_image, windows
+        from .audio import log_mel, read_audio, resample, spectrogram_image, warp_spectrogram, windows
 
         cfg = self.audio
         clip = read_audio(self.paths[i])
@@ -122,7 +123,11 @@ class FolderDataset:
             x[:len(y)] += float(torch.empty(()).uniform_(0.1, 0.3)) * y
         wins = windows(x, cfg)
         k = int(torch.randint(0, len(wins), ()).item()) if self.train else len(wins) // 2
-        img = spectrogram_image(log_mel(wins[k], cfg), cfg, self.pre.size)
+        db = log_mel(wins[k], cfg)
+        if self.train and self.augment != "none":
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())  # follows torch's seed: resumable runs repeat
+            db = warp_spectrogram(db, np.random.default_rng(seed), cfg.top_db)
+        img = spectrogram_image(db, cfg, self.pre.size)
         t = torch.from_numpy(self.pre(img))
         if self.train and self.augment != "none":
             t = spec_augment(t, 1 if self.augment == "light" else 2)

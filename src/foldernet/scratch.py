@@ -24,17 +24,18 @@ def create_scratch_model(widths: tuple[int, ...] = (32, 64, 128, 256)):
                 c_in = w
             self.features = nn.Sequential(*layers)
             self.pool = nn.AdaptiveAvgPool2d(1)
+            self.drop = nn.Dropout(0.3)  # active only in training: small data, many weights
             self.num_features = c_in
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
         def forward(self, x):
-            return self.pool(self.features(x)).flatten(1)
+            return self.drop(self.pool(self.features(x)).flatten(1))
 
     return ScratchCNN().eval()
 
 
 def scratch_data_config() -> dict:
     return {"input_size": (3, SCRATCH_SIZE, SCRATCH_SIZE), "interpolation": "bilinear", "crop_pct": 1.0,
-            "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+            "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # 0..1: silence in a spectrogram is 0, as the padding is

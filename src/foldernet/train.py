@@ -208,6 +208,9 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         t = time.perf_counter()
         bb = create_backbone(backbone, weights=weights)
         pre, audio_cfg = for_dataset(bb.data_config, ds.kind, img_size, audio, [it.path for it in ds.items])
+        if audio_cfg is not None and mode == "head" and rank == 0:
+            console.print("note: audio with ImageNet features + head. For speech, `--backbone scratch --img-size 64` "
+                          "did far better on unseen speakers (benchmarks/audio.py).")
         digest = state_digest(bb.model)
         extractor = FeatureExtractor(bb.model, pre, digest, backbone, engine=engine, use_cache=use_cache,
                                      audio=audio_cfg)
@@ -280,8 +283,11 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
             t = time.perf_counter()
             ft_balance = "sampler" if balance == "sampler" else "weights" if use_weights else "off"
             if finetune_lr is None:  # pretrained weights want gentle steps; random ones need larger
-                finetune_lr = 1e-4 if pretrained else 1e-3
-            cfg_ft = FinetuneConfig(epochs=epochs or 6, lr=finetune_lr, batch_size=batch_size, augment=augment,
+                finetune_lr = 1e-4 if pretrained else 3e-3
+            if epochs is None:  # random weights need many more passes than a pretrained net
+                epochs = 6 if pretrained else 20
+            cfg_ft = FinetuneConfig(epochs=epochs, lr=finetune_lr, batch_size=batch_size, augment=augment,
+                                    patience=4 if pretrained else 8,
                                     balance=ft_balance, class_weights=cw.tolist() if cw is not None else None,
                                     seed=seed, workers=workers, audio=audio_cfg)
             tr, va = np.flatnonzero(sel["train"]), np.flatnonzero(sel["val"])
@@ -382,7 +388,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
                                                                labels).items()},
                      "skipped": len(skipped)},
             "training": {"max_epochs": max_epochs, "epochs_run": len(history), "patience": patience, "lr": lr,
-                         **({"finetune": {"epochs": epochs or 6, "lr": finetune_lr, "augment": augment,
+                         **({"finetune": {"epochs": epochs, "lr": finetune_lr, "augment": augment,
                                           "batch_size": batch_size, "layer_decay": 0.85,
                                           "label_smoothing": 0.1}} if mode == "finetune" else {})},
             "engine": extractor.engine.name,
