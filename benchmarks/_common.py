@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+
+
+def dataset(relpath: str, what: str = "") -> Path | None:
+    """``DATASETS/relpath`` when it is there; else None, after saying which part is skipped."""
+    path = DATASETS / relpath
+    if path.is_dir():
+        return path
+    print(f"skip{' ' + what if what else ''}: {path} not found", file=sys.stderr)
+    return None
 
 
 def print_table(rows: list[dict], cols: list[str], name: str) -> None:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATASETS, print_table  # noqa: E402
+from _common import DATASETS, dataset, print_table  # noqa: E402
 
 
 def soundfont() -> Path | None:
@@ -97,10 +97,8 @@ def main() -> int:
                                    audio={"window_seconds": 2.0}, allow_leakage=True),
                              "target": ">= 0.75"})
         if "digits" in parts:
-            rec = DATASETS / "spoken-digits" / "recordings"
-            if not rec.is_dir():
-                print(f"skip digits: {rec} not found", file=sys.stderr)
-            else:
+            rec = dataset("spoken-digits/recordings", "digits")
+            if rec is not None:
                 rows.append({**run("spoken digits, unseen speakers", rec, tmp / "run-digits", **recipe("digits", args),
                                    label_regex=r"^(\d+)_", group_by=r"regex:^\d+_([^_]+)_"),
                              "target": ">= 0.85"})

@@ -22,13 +22,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATASETS, print_table  # noqa: E402
+from _common import dataset, print_table  # noqa: E402
 
 
 def main() -> int:
-    src = DATASETS / "hymenoptera"
-    if not src.is_dir():
-        print(f"skip: {src} not found", file=sys.stderr)
+    src = dataset("hymenoptera")
+    if src is None:
         return 0
     from foldernet.audit import audit
     from foldernet.split import split_dataset

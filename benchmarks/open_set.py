@@ -22,16 +22,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATASETS, print_table  # noqa: E402
+from _common import dataset, print_table  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--unknown", default="", help="two classes to hold out (default: the two smallest)")
     args = ap.parse_args()
-    src = DATASETS / "clothing"
-    if not src.is_dir():
-        print(f"skip: {src} not found", file=sys.stderr)
+    src = dataset("clothing")
+    if src is None:
         return 0
     import foldernet
 

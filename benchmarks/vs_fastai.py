@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATASETS, print_table  # noqa: E402
+from _common import dataset, print_table  # noqa: E402
 
 
 def run_fastai(data: Path, epochs: int, workers: int) -> dict:
@@ -74,9 +74,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-fastai", action="store_true")
     args = ap.parse_args()
-    data = DATASETS / "clothing"
-    if not data.is_dir():
-        print(f"skip: {data} not found", file=sys.stderr)
+    data = dataset("clothing")
+    if data is None:
         return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="foldernet-vs-fastai-") as tmp:

@@ -8,10 +8,10 @@ head is averaging the logits of the windows.
 
 Spectrogram (documented): 16 kHz (or the data's own rate when all of it is lower, e.g. 8 kHz
 telephone speech), n_fft 1024 (64 ms at 16 kHz, Hann window; 32 ms below 16 kHz), hop 10 ms, 128 mel
-bands (64 below 16 kHz) from 20 Hz to half the rate (Slaney-style triangular filters on the HTK mel scale), power in dB relative to the
-clip's loudest bin (so loudness does not matter and quiet stretches stay quiet), clipped to
-[-80, 0] dB and mapped to 0..255. The image is time along x,
-low frequencies at the bottom, resized to the backbone's input size and copied to three channels.
+bands (64 below 16 kHz) from 20 Hz to half the rate (Slaney-style triangular filters on the HTK mel
+scale), power in dB relative to the clip's loudest bin (so loudness does not matter and quiet
+stretches stay quiet), clipped to [-80, 0] dB and mapped to 0..255. The image is time along x, low
+frequencies at the bottom, resized to the backbone's input size and copied to three channels.
 The mel filterbank is written here with NumPy because librosa's first call JIT-compiles for ~45 s.
 """
 

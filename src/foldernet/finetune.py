@@ -123,13 +123,13 @@ class FolderDataset:
             x[:len(y)] += float(torch.empty(()).uniform_(0.1, 0.3)) * y
         wins = windows(x, cfg)
         k = int(torch.randint(0, len(wins), ()).item()) if self.train else len(wins) // 2
+        augmenting = self.train and self.augment != "none"
         db = log_mel(wins[k], cfg)
-        if self.train and self.augment != "none":
+        if augmenting:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())  # follows torch's seed: resumable runs repeat
             db = warp_spectrogram(db, np.random.default_rng(seed), cfg.top_db)
-        img = spectrogram_image(db, cfg, self.pre.size)
-        t = torch.from_numpy(self.pre(img))
-        if self.train and self.augment != "none":
+        t = torch.from_numpy(self.pre(spectrogram_image(db, cfg, self.pre.size)))
+        if augmenting:
             t = spec_augment(t, 1 if self.augment == "light" else 2)
         return t, int(self.labels[i])
 

@@ -38,4 +38,5 @@ def create_scratch_model(widths: tuple[int, ...] = (32, 64, 128, 256)):
 
 def scratch_data_config() -> dict:
     return {"input_size": (3, SCRATCH_SIZE, SCRATCH_SIZE), "interpolation": "bilinear", "crop_pct": 1.0,
-            "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # 0..1: silence in a spectrogram is 0, as the padding is
+            # inputs in 0..1: silence in a spectrogram is then 0, the same value as the conv padding
+            "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}

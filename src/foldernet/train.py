@@ -178,7 +178,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
     with ``augment`` (none|light|strong); ``backbone="scratch"`` trains the small CNN from random
     weights. Fine-tuning checkpoints every epoch into ``.OUT.partial/``; ``resume=True`` continues.
     """
-    from .finetune import AUGMENT_PRESETS
+    from .finetune import AUGMENT_PRESETS, LAYER_DECAY
 
     if backbone == "scratch":
         mode = "finetune"  # nothing pretrained to freeze: train end to end
@@ -388,9 +388,10 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
                                                                labels).items()},
                      "skipped": len(skipped)},
             "training": {"max_epochs": max_epochs, "epochs_run": len(history), "patience": patience, "lr": lr,
-                         **({"finetune": {"epochs": epochs, "lr": finetune_lr, "augment": augment,
-                                          "batch_size": batch_size, "layer_decay": 0.85,
-                                          "label_smoothing": 0.1}} if mode == "finetune" else {})},
+                         **({"finetune": {"epochs": cfg_ft.epochs, "lr": cfg_ft.lr, "augment": cfg_ft.augment,
+                                          "batch_size": cfg_ft.batch_size, "layer_decay": LAYER_DECAY,
+                                          "label_smoothing": cfg_ft.label_smoothing, "patience": cfg_ft.patience}}
+                            if mode == "finetune" else {})},
             "engine": extractor.engine.name,
             "metrics": {"split": report_split, **summary},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
