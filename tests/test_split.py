@@ -48,3 +48,35 @@ def test_groups_stay_on_one_side(tmp_path):
         sides.setdefault((it.label, it.group), set()).add(it.split)
     assert all(len(s) == 1 for s in sides.values())
     assert set(read_splits_csv(tmp_path / "s.csv").values()) == {"train", "val", "test"}
+
+
+def test_folds_test_every_speaker_once_and_keep_speakers_whole(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "recordings"
+    data.mkdir()
+    speakers = ["ann", "bob", "cy", "dee", "eve"]
+    for s in speakers:
+        for digit in range(3):
+            for take in range(4):
+                Image.new("RGB", (4, 4), (digit * 80, take, 0)).save(data / f"{digit}_{s}_{take}.png")
+    args = [sys.executable, "-m", "foldernet", "split", str(data), "--label-regex", r"^(\d+)_",
+            "--group-by", r"regex:^\d+_([a-z]+)_", "--out", str(tmp_path / "folds")]
+    proc = subprocess.run(args + ["--folds", "5"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    tested = Counter()
+    for k in range(1, 6):
+        split = read_splits_csv(tmp_path / "folds" / f"splits-fold{k}.csv")
+        side = {}
+        for rel, s in split.items():
+            side.setdefault(rel.split("_")[1], set()).add(s)
+        assert all(len(s) == 1 for s in side.values())  # a speaker never straddles
+        roles = Counter(next(iter(s)) for s in side.values())
+        assert roles == {"train": 3, "val": 1, "test": 1}
+        tested.update(sp for sp, s in side.items() if s == {"test"})
+        assert {rel.split("_")[0] for rel, s in split.items() if s == "train"} == {"0", "1", "2"}
+    assert tested == {s: 1 for s in speakers}
+    assert "fold 5: tests" in proc.stdout
+    too_many = subprocess.run(args + ["--folds", "9"], capture_output=True, text=True, timeout=120)
+    assert too_many.returncode != 0 and "3 to 5" in too_many.stderr + too_many.stdout

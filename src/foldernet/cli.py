@@ -161,12 +161,22 @@ def split(
     group_by: Optional[str] = typer.Option(None, help="near-duplicates | regex:PATTERN | csv:FILE"),
     group_regex: Optional[str] = typer.Option(None, help="shorthand for --group-by regex:PATTERN"),
     label_regex: Optional[str] = typer.Option(None, help="label from a regex group on the relative path"),
+    folds: int = typer.Option(0, help="write N cross-validation splits over the groups into --out (a folder, "
+                                      "default ./folds) instead of one splits.csv"),
 ) -> None:
     """Write a stratified, seeded, stable, grouped splits.csv that `train` then uses."""
-    from .split import split_counts, split_dataset
+    from .split import split_counts, split_dataset, split_folds
 
-    ds = split_dataset(data, val=val, test=test, seed=seed, out=out, label_regex=label_regex,
-                       group_by=group_by or (f"regex:{group_regex}" if group_regex else None))
+    group_by = group_by or (f"regex:{group_regex}" if group_regex else None)
+    if folds:
+        made = split_folds(data, folds, out or Path("folds"), seed=seed, group_by=group_by, label_regex=label_regex)
+        for k, (groups, path) in enumerate(made, 1):
+            shown = ", ".join(groups[:6]) + (f" and {len(groups) - 6} more" if len(groups) > 6 else "")
+            stdout.print(f"fold {k}: tests {shown}  ->  {path}", markup=False)
+        stdout.print(f"train each with: foldernet train {data} --splits {made[0][1]} (and so on), then compare "
+                     "the test accuracies", markup=False)
+        return
+    ds = split_dataset(data, val=val, test=test, seed=seed, out=out, label_regex=label_regex, group_by=group_by)
     counts = split_counts(ds.items, ds.classes)
     for s, c in counts.items():
         stdout.print(f"{s:5s} {sum(c.values()):6d}  " + "  ".join(f"{k}:{v}" for k, v in c.items()))

@@ -192,3 +192,39 @@ def split_dataset(data: str | os.PathLike, val: float = 0.15, test: float = 0.15
     assign_splits(ds, val, test, seed)
     write_splits_csv(ds.items, Path(out) if out else Path(data) / "splits.csv")
     return ds
+
+
+def split_folds(data: str | os.PathLike, folds: int, out: str | os.PathLike, seed: int = 0,
+                group_by: str | None = None, label_regex: str | None = None) -> list[tuple[list[str], Path]]:
+    """Cross-validation over groups, for when one held-out speaker or instrument decides too much:
+    scikit-learn's StratifiedGroupKFold deals the groups (each file is its own group when there are
+    none) into ``folds`` folds; split k tests on fold k, validates on fold k+1 and trains on the rest,
+    so every group is tested once and none straddles. Writes ``out/splits-fold<k>.csv`` for
+    ``train --splits``; returns (test groups, path) per fold."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from .data import scan
+
+    ds = scan(data, label_regex=label_regex)
+    if ds.predefined_split:
+        raise FoldernetError(f"{ds.root} has its own train/val/test folders; folds need a flat DATA/<class>/ layout")
+    apply_grouping(ds, group_by)
+    keys = [it.group or it.relpath for it in ds.items]
+    n_groups = len(set(keys))
+    if not 3 <= folds <= n_groups:
+        raise FoldernetError(f"--folds {folds}: need 3 to {n_groups} (the number of groups) folds")
+    with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": expected
+        warnings.simplefilter("ignore", UserWarning)
+        cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        tests = [te for _, te in cv.split(keys, [it.label for it in ds.items], keys)]
+    fold_of = {i: k for k, te in enumerate(tests) for i in te}
+    made = []
+    for k in range(folds):
+        for i, it in enumerate(ds.items):
+            it.split = "test" if fold_of[i] == k else "val" if fold_of[i] == (k + 1) % folds else "train"
+        path = Path(out) / f"splits-fold{k + 1}.csv"
+        write_splits_csv(ds.items, path)
+        made.append((sorted({keys[i] for i in tests[k]}), path))
+    return made
