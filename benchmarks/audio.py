@@ -14,7 +14,8 @@ Prints a table and JSON lines with accuracy, macro-F1 and wall time; skips a par
 tools are missing.
 
 Each part runs the recipe that measured best here (RECIPES; speech: the scratch CNN on 64 px
-spectrograms with frequency/time warping, 20 epochs; instrument notes: ImageNet features + head);
+spectrograms with frequency/time warping, 20 epochs; instrument notes: ImageNet features and
+spectrogram statistics + head, --no-spectrogram-stats for the embedding alone);
 --backbone/--mode/--epochs/--img-size override it.
 
 By default each part is cross-validated over its groups (speakers, programs): they are dealt into
@@ -24,7 +25,7 @@ fold and their mean, so a single held-out speaker does not decide the result. Ea
 training run (the digits: ~40 min in all); --folds 0 runs one grouped split instead.
 
     python benchmarks/audio.py [--parts nsynth,digits] [--backbone NAME|scratch] [--mode head|finetune]
-                               [--epochs N] [--img-size N] [--folds N]
+                               [--epochs N] [--img-size N] [--folds N] [--no-spectrogram-stats]
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def soundfont() -> Path | None:
 
 RECIPES = {
     "nsynth": {"backbone": "tf_efficientnet_lite0", "mode": "head", "epochs": None, "img_size": None},
+    # each note is one event from its onset: spectrogram statistics per time segment beside the embedding
     "digits": {"backbone": "scratch", "mode": "finetune", "epochs": 20, "img_size": 64},
 }
 # Fractions of the groups held out. Six speakers: test = 1 (nicolas), val = 1 (jackson), so four
@@ -105,7 +107,8 @@ def run(name: str, data: Path, out: Path, mode: str, epochs: int | None, img_siz
                         force=True, img_size=img_size, backbone=backbone, **kw)
     wall = time.perf_counter() - t
     m = r.metrics["splits"]["test"]
-    return {"task": name, "mode": mode, "backbone": backbone, "test_n": m["n"], "accuracy": round(m["accuracy"], 4),
+    return {"task": name, "mode": mode, "backbone": backbone + ("+stats" if r.config.get("spectrogram_stats") else ""),
+            "test_n": m["n"], "accuracy": round(m["accuracy"], 4),
             "held_out_near_duplicates_of_train": r.config["leakage"]["held_out_duplicates"],
             "macro_f1": round(m["macro_f1"], 4), "val_accuracy": round(r.metrics["splits"]["val"]["accuracy"], 4),
             "wall_s": round(wall, 1), "classes": len(r.config["labels"])}
@@ -118,6 +121,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--img-size", type=int, default=None, help="input size (smaller = faster fine-tuning)")
     ap.add_argument("--backbone", default=None, help="a timm name, or scratch")
+    ap.add_argument("--no-spectrogram-stats", action="store_true",
+                    help="notes: ImageNet embedding alone, without the spectrogram statistics beside it")
     ap.add_argument("--folds", type=int, default=None,
                     help="cross-validate over N folds of groups (default: 5 for the notes, 6 = leave one speaker "
                          "out for the digits); 0 = one split")
@@ -137,7 +142,7 @@ def main() -> int:
                 rows += [{**r, "target": ">= 0.75"} for r in evaluate_part(
                     "nsynth-like families, unseen instruments", notes, tmp / "run-nsynth", folds("nsynth", args), None,
                     r"regex:_gm(\d+)-", SPLITS["nsynth"], **recipe("nsynth", args), audio={"window_seconds": 2.0},
-                    allow_leakage=True)]
+                    spectrogram_stats=not args.no_spectrogram_stats, allow_leakage=True)]
         if "digits" in parts:
             rec = dataset("spoken-digits/recordings", "digits")
             if rec is not None:

@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 
 import foldernet
+from foldernet.models import create_backbone, spectrogram_stats_dim
 from foldernet.audio import (AudioConfig, config_for, log_mel, mel_filterbank, read_audio, resample,
                              warp_spectrogram, windows)
 
@@ -79,6 +80,7 @@ def test_eight_bit_and_mp3_named_wav_are_read(tmp_path):
 def test_train_predict_and_export_on_audio(sounds, tmp_path):
     result = foldernet.train(sounds, out=tmp_path / "run", progress=False, val=0.2, test=0.2)
     assert result.config["kind"] == "audio" and result.config["audio"]["sample_rate"] == 16000
+    assert not result.config["spectrogram_stats"]  # off by default
     assert result.metrics["splits"]["test"]["accuracy"] >= 0.8  # chance is 1/3
     # a long clip (several windows, averaged) of an unseen low tone
     rng = np.random.default_rng(99)
@@ -94,6 +96,48 @@ def test_train_predict_and_export_on_audio(sounds, tmp_path):
     torch_pred = model.predict([tmp_path / "long_low.wav"])[0]
     assert onnx_pred.label == torch_pred.label
     assert abs(onnx_pred.confidence - torch_pred.confidence) < 1e-3
+
+
+def test_spectrogram_stats_follow_the_time_course(tmp_path):
+    """A plucked (decaying) and a swelling note with the same pitch: the statistics' loudness
+    envelope falls for one and rises for the other, and the spectral part sees the same pitch."""
+    import torch
+
+    from foldernet.models import STATS_ENVELOPE, add_spectrogram_stats
+    from foldernet.preprocess import for_dataset, source_pixels
+
+    sr = 16000
+    t = np.arange(2 * sr) / sr
+    tone = np.sin(2 * np.pi * 440 * t) + 0.5 * np.sin(2 * np.pi * 880 * t)
+    sf.write(tmp_path / "pluck.wav", (0.5 * tone * np.exp(-3 * t)).astype(np.float32), sr)
+    sf.write(tmp_path / "swell.wav", (0.5 * tone * np.minimum(1, t / 1.5)).astype(np.float32), sr)
+    bb = create_backbone()
+    pre, cfg = for_dataset(bb.data_config, "audio", None, {"window_seconds": 2.0})
+    model = add_spectrogram_stats(bb, pre.size).model
+    out = {}
+    for name in ("pluck", "swell"):
+        with torch.no_grad():
+            x = torch.from_numpy(source_pixels(tmp_path / f"{name}.wav", pre, cfg))
+            out[name] = model.stats(x)[0].numpy()
+            assert model(x).shape[1] == bb.num_features + spectrogram_stats_dim()
+    envelope = slice(-STATS_ENVELOPE - 64, -64)
+    pluck, swell = out["pluck"][envelope], out["swell"][envelope]
+    assert pluck[2] > pluck[-2] + 0.3 and swell[-2] > swell[2] + 0.3  # 0.3 units ~ 5 dB
+    bands = out["pluck"][:320].reshape(64, 5).mean(axis=1)  # band levels, highest frequencies first
+    assert bands.max() > bands.min() + 1.0 and bands.argmax() > 32  # 440 Hz is loud and in the lower half
+
+
+def test_spectrogram_stats_train_export_and_reload(sounds, tmp_path):
+    result = foldernet.train(sounds, out=tmp_path / "run", progress=False, val=0.2, test=0.2,
+                             spectrogram_stats=True)
+    assert result.config["spectrogram_stats"]
+    assert result.config["num_features"] == create_backbone().num_features + spectrogram_stats_dim()
+    assert result.metrics["splits"]["test"]["accuracy"] >= 0.8  # chance is 1/3
+    model = foldernet.load(tmp_path / "run")
+    stats = model.predict_batch([next((sounds / "low").iterdir())])[1][0, -spectrogram_stats_dim():]
+    assert 0.05 < np.abs(stats).mean() < 3  # standardised with the training clips' mean and spread
+    report = foldernet.export(tmp_path / "run")
+    assert report["fp32"]["top1_agreement"] == 1.0
 
 
 def test_spectrogram_warp_moves_pitch_and_time_but_keeps_the_frame():

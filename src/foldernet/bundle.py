@@ -156,7 +156,7 @@ class Classifier(Predictor):
     def __init__(self, model_dir: Path, engine: str = "onnx", use_cache: bool = True):
         from safetensors.torch import load_file
 
-        from .models import create_backbone, state_digest
+        from .models import add_spectrogram_stats, create_backbone, state_digest
 
         self.model_dir = model_dir
         self.config = read_json(model_dir / "config.json")
@@ -167,6 +167,8 @@ class Classifier(Predictor):
         self.preprocess = Preprocess.from_dict(self.config["preprocess"])
         tensors = load_file(str(model_dir / "model.safetensors"))
         backbone = create_backbone(self.config["backbone"], pretrained=False)
+        if self.config.get("spectrogram_stats"):
+            backbone = add_spectrogram_stats(backbone, self.preprocess.size)
         state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
         try:
             backbone.model.load_state_dict(state, strict=True)

@@ -75,6 +75,9 @@ def train(
     label_map: Optional[Path] = typer.Option(None, help="CSV fine,coarse: also evaluate and report coarse labels"),
     no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the feature cache"),
     engine: str = typer.Option("onnx", help="onnx (fast CPU path) or torch"),
+    spectrogram_stats: bool = typer.Option(False, help="audio, ImageNet backbone, head mode: append spectrogram "
+                                           "statistics per time segment (band levels, MFCCs, envelope); for clips of "
+                                           "one sound event each, such as instrument notes"),
     force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
 ) -> None:
     """Train a classifier and write a model bundle to OUT/model."""
@@ -86,7 +89,8 @@ def train(
                     img_size=img_size, batch_size=batch_size, resume=resume, finetune_lr=lr, splits=splits, engine=engine,
                     use_cache=not no_cache, label_regex=label_regex,
                     group_by=group_by or (f"regex:{group_regex}" if group_regex else None),
-                    allow_leakage=allow_leakage, keep_placeholders=keep_placeholders, label_map_file=label_map)
+                    allow_leakage=allow_leakage, keep_placeholders=keep_placeholders, label_map_file=label_map,
+                    spectrogram_stats=spectrogram_stats)
     _print_train_result(result)
 
 

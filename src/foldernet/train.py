@@ -21,7 +21,7 @@ from .evaluate import (K_NEIGHBOURS, NOT_SURE_QUANTILE, choose_thresholds, coars
                        reliability_bins)
 from .features import FeatureExtractor, softmax
 from .io import atomic_write_bytes, atomic_write_csv, staged_dir
-from .models import DEFAULT_BACKBONE, create_backbone, state_digest
+from .models import DEFAULT_BACKBONE, add_spectrogram_stats, create_backbone, state_digest
 from .preprocess import for_dataset
 from .progress import console, progress_bar
 from .fingerprint import is_low_information
@@ -164,7 +164,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
           group_by: str | None = None, allow_leakage: bool = False, keep_placeholders: bool = False,
           label_map_file: str | os.PathLike | None = None, report: bool = True, epochs: int | None = None,
           augment: str = "light", img_size: int | None = None, batch_size: int = 32, finetune_lr: float | None = None,
-          resume: bool = False, workers: int = 0, audio: dict | None = None) -> TrainResult:
+          resume: bool = False, workers: int = 0, audio: dict | None = None,
+          spectrogram_stats: bool = False) -> TrainResult:
     """Train a classifier on ``data`` (class folders) and write a bundle to ``out/model``.
 
     ``splits``: a ``splits.csv`` (path,label,split) to reuse; by default ``DATA/splits.csv`` is used
@@ -177,6 +178,11 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
     ``mode="finetune"`` then trains the whole network (see ``finetune.py``) for ``epochs`` epochs
     with ``augment`` (none|light|strong); ``backbone="scratch"`` trains the small CNN from random
     weights. Fine-tuning checkpoints every epoch into ``.OUT.partial/``; ``resume=True`` continues.
+    ``spectrogram_stats``: for audio with an ImageNet backbone and a head, append classic spectrogram
+    statistics (band levels, MFCC-like means and spreads per time segment, envelope, flux) to the
+    embedding. They help where each clip is one event that starts at its start (instrument notes: +8
+    points on unseen instruments); off by default, because on windows cut from longer recordings
+    their time segments describe where the window fell, not the sound.
     """
     from .finetune import AUGMENT_PRESETS, LAYER_DECAY
 
@@ -208,6 +214,9 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         t = time.perf_counter()
         bb = create_backbone(backbone, weights=weights)
         pre, audio_cfg = for_dataset(bb.data_config, ds.kind, img_size, audio, [it.path for it in ds.items])
+        spectrogram_stats = bool(spectrogram_stats and audio_cfg is not None and mode == "head")
+        if spectrogram_stats:
+            bb = add_spectrogram_stats(bb, pre.size)
         if audio_cfg is not None and mode == "head" and rank == 0:
             console.print("note: audio with ImageNet features + head. For speech, `--backbone scratch --img-size 64` "
                           "did far better on unseen speakers (benchmarks/audio.py).")
@@ -259,6 +268,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         if missing:
             raise FoldernetError(f"classes with no training image: {', '.join(missing)}. Add images or remove them.")
 
+        if spectrogram_stats:  # standardise the statistics on the training clips (saved with the model)
+            feats.vectors = bb.model.fit_standardisation(feats.vectors, sel["train"])
         counts_train = {labels[i]: int((y[sel['train']] == i).sum()) for i in range(len(labels))}
         ratio = imbalance_ratio(counts_train)
         use_weights = balance in ("weights", "sampler") or (balance == "auto" and ratio > 3)
@@ -369,6 +380,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
             "preprocess": pre.to_dict(),
             "kind": ds.kind,
             "audio": audio_cfg.to_dict() if audio_cfg else None,
+            "spectrogram_stats": spectrogram_stats,
             "temperature": temperature,
             "threshold": threshold,
             "similarity_threshold": sim_threshold,
