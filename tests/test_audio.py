@@ -128,11 +128,19 @@ def test_spectrogram_stats_follow_the_time_course(tmp_path):
 
 
 def test_spectrogram_stats_train_export_and_reload(sounds, tmp_path):
-    result = foldernet.train(sounds, out=tmp_path / "run", progress=False, val=0.2, test=0.2,
-                             spectrogram_stats=True)
-    assert result.config["spectrogram_stats"]
-    assert result.config["num_features"] == create_backbone().num_features + spectrogram_stats_dim()
-    assert result.metrics["splits"]["test"]["accuracy"] >= 0.8  # chance is 1/3
+    """Through the command line, with the audio settings chosen there."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "foldernet", "train", str(sounds), "--out", str(tmp_path / "run"),
+                           "--val", "0.2", "--test", "0.2", "--spectrogram-stats", "--window", "0.8",
+                           "--n-mels", "96"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["spectrogram_stats"] and config["audio"]["window_seconds"] == 0.8 and config["audio"]["n_mels"] == 96
+    assert config["num_features"] == create_backbone().num_features + spectrogram_stats_dim()
+    assert config["metrics"]["accuracy"] >= 0.8  # chance is 1/3
     model = foldernet.load(tmp_path / "run")
     stats = model.predict_batch([next((sounds / "low").iterdir())])[1][0, -spectrogram_stats_dim():]
     assert 0.05 < np.abs(stats).mean() < 3  # standardised with the training clips' mean and spread
@@ -163,6 +171,12 @@ def test_speech_rate_config_and_scratch_cnn_learn_from_spectrograms(sounds, tmp_
     sf.write(narrow, np.zeros(8000, np.float32), 8000)
     cfg = config_for([narrow])
     assert (cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmax) == (8000, 256, 64, 4000)
+    wide = tmp_path / "wide.wav"
+    sf.write(wide, np.zeros(44100, np.float32), 44100)
+    chosen = config_for([wide], {"sample_rate": 8000, "window_seconds": None})  # a chosen rate sets the rest
+    assert (chosen.sample_rate, chosen.n_fft, chosen.n_mels, chosen.fmax) == (8000, 256, 64, 4000)
+    with pytest.raises(foldernet.FoldernetError, match="window seconds 0.01 is out of range"):
+        config_for([wide], {"window_seconds": 0.01})
     assert (mel_filterbank(8000, 256, 64, 20.0, 4000.0).sum(axis=1) > 0).all()  # no empty mel band at the speech setting
     result = foldernet.train(sounds, out=tmp_path / "run", backbone="scratch", img_size=48, epochs=8,
                              progress=False, val=0.2, test=0.2)

@@ -69,7 +69,12 @@ def config_for(paths: list[Path], overrides: dict | None = None) -> AudioConfig:
         except Exception:  # noqa: BLE001 - unreadable files are reported elsewhere
             continue
     base = AudioConfig()
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, low, high in (("window_seconds", 0.1, MAX_SECONDS), ("sample_rate", 4000, 192000), ("n_mels", 16, 256)):
+        if key in overrides and not low <= overrides[key] <= high:
+            raise FoldernetError(f"audio {key.replace('_', ' ')} {overrides[key]} is out of range: use {low} to {high}")
     rate = min(base.sample_rate, max(rates)) if rates else base.sample_rate
+    rate = int(overrides.get("sample_rate", rate))  # a chosen rate sets the derived fields too
     hop = max(1, round(rate * base.hop_length / base.sample_rate))
     # below 16 kHz (speech, telephone): a 32 ms frame and 64 bands, so no mel band is narrower than
     # an FFT bin (128 bands over 0-4 kHz would leave the lowest ones empty)
@@ -79,7 +84,7 @@ def config_for(paths: list[Path], overrides: dict | None = None) -> AudioConfig:
     if seconds:  # short clips (words, hits): a window that holds 95 % of them whole, not mostly silence
         fields["window_seconds"] = float(min(base.window_seconds,
                                              max(0.5, np.ceil(np.percentile(seconds, 95) * 10) / 10)))
-    fields.update(overrides or {})
+    fields.update(overrides)
     return AudioConfig(**fields)
 
 

@@ -75,6 +75,11 @@ def train(
     label_map: Optional[Path] = typer.Option(None, help="CSV fine,coarse: also evaluate and report coarse labels"),
     no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the feature cache"),
     engine: str = typer.Option("onnx", help="onnx (fast CPU path) or torch"),
+    window: Optional[float] = typer.Option(None, help="audio: window length in seconds (default: 1 s, shorter "
+                                           "when most clips are; a clip's windows are averaged)"),
+    sample_rate: Optional[int] = typer.Option(None, help="audio: resample to this rate (default 16000, or the "
+                                              "data's lower rate)"),
+    n_mels: Optional[int] = typer.Option(None, help="audio: mel bands (default 128; 64 below 16 kHz)"),
     spectrogram_stats: bool = typer.Option(False, help="audio, ImageNet backbone, head mode: append spectrogram "
                                            "statistics per time segment (band levels, MFCCs, envelope); for clips of "
                                            "one sound event each, such as instrument notes"),
@@ -90,7 +95,8 @@ def train(
                     use_cache=not no_cache, label_regex=label_regex,
                     group_by=group_by or (f"regex:{group_regex}" if group_regex else None),
                     allow_leakage=allow_leakage, keep_placeholders=keep_placeholders, label_map_file=label_map,
-                    spectrogram_stats=spectrogram_stats)
+                    spectrogram_stats=spectrogram_stats,
+                    audio={"window_seconds": window, "sample_rate": sample_rate, "n_mels": n_mels})
     _print_train_result(result)
 
 

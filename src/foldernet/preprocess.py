@@ -102,7 +102,8 @@ def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = N
         return pre, None
     from .audio import AudioConfig, config_for
 
-    cfg = config_for(list(paths), audio) if paths else AudioConfig(**(audio or {}))
+    chosen = {k: v for k, v in (audio or {}).items() if v is not None}
+    cfg = config_for(list(paths), chosen) if paths else AudioConfig(**chosen)
     return replace(pre, crop_pct=1.0), cfg
 
 
