@@ -25,7 +25,7 @@ fold and their mean, so a single held-out speaker does not decide the result. Ea
 training run (the digits: ~40 min in all); --folds 0 runs one grouped split instead.
 
     python benchmarks/audio.py [--parts nsynth,digits] [--backbone NAME|scratch] [--mode head|finetune]
-                               [--epochs N] [--img-size N] [--folds N] [--no-spectrogram-stats]
+                               [--epochs N] [--img-size N] [--folds N] [--window S] [--no-spectrogram-stats]
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--img-size", type=int, default=None, help="input size (smaller = faster fine-tuning)")
     ap.add_argument("--backbone", default=None, help="a timm name, or scratch")
+    ap.add_argument("--window", type=float, default=None, help="notes: window seconds (default 2: two per note)")
     ap.add_argument("--no-spectrogram-stats", action="store_true",
                     help="notes: ImageNet embedding alone, without the spectrogram statistics beside it")
     ap.add_argument("--folds", type=int, default=None,
@@ -141,7 +142,8 @@ def main() -> int:
                                stdout=subprocess.DEVNULL)
                 rows += [{**r, "target": ">= 0.75"} for r in evaluate_part(
                     "nsynth-like families, unseen instruments", notes, tmp / "run-nsynth", folds("nsynth", args), None,
-                    r"regex:_gm(\d+)-", SPLITS["nsynth"], **recipe("nsynth", args), audio={"window_seconds": 2.0},
+                    r"regex:_gm(\d+)-", SPLITS["nsynth"], **recipe("nsynth", args),
+                    audio={"window_seconds": args.window or 2.0},
                     spectrogram_stats=not args.no_spectrogram_stats, allow_leakage=True)]
         if "digits" in parts:
             rec = dataset("spoken-digits/recordings", "digits")
