@@ -40,6 +40,8 @@ class Handler(BaseHTTPRequestHandler):
         Handler.hits[self.path] = Handler.hits.get(self.path, 0) + 1
         p = self.path
         if p.startswith("/good/"):
+            if p == "/good/1.jpg":
+                time.sleep(0.3)  # its copy, later in the list, arrives first: the list order must still win
             self._send(200, _jpeg(int(p.split("/")[-1].split(".")[0])))
         elif p == "/copy-of-1.jpg":
             self._send(200, _jpeg(1))

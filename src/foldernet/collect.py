@@ -3,7 +3,8 @@
 Downloads are concurrent but bounded, time out, retry transient failures with exponential
 backoff, refuse files over a size limit, check that the bytes really are an image (never trusting
 the extension or the Content-Type alone), and name each file by its content hash, so a file seen
-twice is stored once. Every row gets a status in ``collect_log.csv``; a re-run skips what is done.
+twice is stored once (the first row of the list that holds it is "ok", later ones "duplicate", whatever
+order the downloads finish in). Every row gets a status in ``collect_log.csv``; a re-run skips what is done.
 Frames keep their source video as their group in ``groups.csv``, so splits keep a video together.
 """
 
@@ -191,10 +192,19 @@ def collect(url_list: str | os.PathLike, out: str | os.PathLike, workers: int = 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             list(pool.map(work, todo))
     dl.client.close()
+    # Downloads finish in any order; the first row of the list that holds a file is its "ok", the
+    # later ones are its duplicates, so the log does not depend on which thread won.
+    first: set[str] = set()
+    for r in rows:
+        res = results.get((r.url, r.label))
+        if res and res.get("status") in DONE and res.get("file"):
+            res["status"] = "duplicate" if res["file"] in first else "ok"
+            first.add(res["file"])
     # rewrite the log with one line per row (the latest status), and the groups file
     atomic_write_csv(log_path, fields, (results.get((r.url, r.label), {}) | {"url": r.url, "label": r.label}
                                         for r in rows))
-    groups = {res["file"]: res.get("group", "") for res in results.values() if res.get("file") and res.get("group")}
+    groups = {res["file"]: res["group"] for res in (results.get((r.url, r.label), {}) for r in reversed(rows))
+              if res.get("status") in DONE and res.get("file") and res.get("group")}  # the first row's group wins
     if groups:
         merge_groups(out, groups)
     counts: dict[str, int] = {}
