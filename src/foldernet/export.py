@@ -138,7 +138,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, int8: b
     atomic_write_bytes(tmp, proto.SerializeToString())
     export_s = time.perf_counter() - t
 
-    console.print(f"parity check on {len(files)} held-out images (PyTorch eager vs ONNX Runtime)...")
+    what = "clips" if clf.audio is not None else "images"
+    console.print(f"parity check on {len(files)} held-out {what} (PyTorch eager vs ONNX Runtime)...")
     ref, ok_ref, _ = clf.predict_proba(files, progress=True)
     onnx_clf = OnnxClassifier(tmp)
     got, ok_got, _ = onnx_clf.predict_proba(files)
@@ -147,12 +148,12 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, int8: b
         tmp.unlink()
         raise FoldernetError(f"the parity check could not read any held-out file (e.g. {files[0]}); nothing exported")
     agree, max_diff = _agreement(ref[both], got[both])
-    report: dict = {"n": int(both.sum()), "split_files_from": str(files[0].parent.parent),
+    report: dict = {"n": int(both.sum()), "inputs": what, "split_files_from": str(files[0].parent.parent),
                     "fp32": {"top1_agreement": agree, "max_prob_diff": max_diff, "export_seconds": export_s}}
     if agree < 1.0:
         tmp.unlink()
         atomic_write_json(out / "parity.json", report)
-        raise FoldernetError(f"ONNX export disagrees with PyTorch on {(1 - agree) * 100:.2f}% of held-out images "
+        raise FoldernetError(f"ONNX export disagrees with PyTorch on {(1 - agree) * 100:.2f}% of held-out {what} "
                              f"(max probability difference {max_diff:.3g}); not written. Details: {out}/parity.json")
     os.replace(tmp, target)
     report["fp32"]["path"] = target.name

@@ -221,7 +221,10 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
             bb = add_spectrogram_stats(bb, pre.size)
         if audio_cfg is not None and mode == "head" and rank == 0:
             console.print("note: audio with ImageNet features + head. For speech, `--backbone scratch --img-size 64` "
-                          "did far better on unseen speakers (benchmarks/audio.py).")
+                          "did far better on unseen speakers"
+                          + ("" if spectrogram_stats else "; for clips of one sound each (instrument notes), "
+                             "`--spectrogram-stats` added 8 points on unseen instruments")
+                          + " (benchmarks/audio.py).")
         digest = state_digest(bb.model)
         extractor = FeatureExtractor(bb.model, pre, digest, backbone, engine=engine, use_cache=use_cache,
                                      audio=audio_cfg)
