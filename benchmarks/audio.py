@@ -51,8 +51,8 @@ def soundfont() -> Path | None:
 
 
 RECIPES = {
+    # notes also get spectrogram statistics (main(): each note is one event from its onset)
     "nsynth": {"backbone": "tf_efficientnet_lite0", "mode": "head", "epochs": None, "img_size": None},
-    # each note is one event from its onset: spectrogram statistics per time segment beside the embedding
     "digits": {"backbone": "scratch", "mode": "finetune", "epochs": 20, "img_size": 64},
 }
 # Fractions of the groups held out. Six speakers: test = 1 (nicolas), val = 1 (jackson), so four

@@ -380,7 +380,7 @@ def export(
     report = _export(run, out=out, int8=int8, prefer_size=prefer_size, data=data, force=force)
     fp = report["fp32"]
     stdout.print(f"fp32: {fp['path']} ({fp['size_mb']} MB), top-1 agreement {fp['top1_agreement']:.4f} on "
-                 f"{report['n']} held-out {report.get('inputs', 'images')}, max probability difference {fp['max_prob_diff']:.2e}")
+                 f"{report['n']} held-out {report['inputs']}, max probability difference {fp['max_prob_diff']:.2e}")
     if "int8" in report:
         q = report["int8"]
         stdout.print(f"int8: agreement {q['top1_agreement']:.4f}, {q['img_per_s']} vs fp32 {q['fp32_img_per_s']} img/s, "

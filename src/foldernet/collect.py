@@ -149,11 +149,9 @@ class Downloader:
         result["file"] = f"{row.label}/{name}"
         result["bytes"] = len(data)
         with self.lock:
-            if target.exists():
-                result["status"] = "duplicate"
-                return result
-            atomic_write_bytes(target, data)
-        result["status"] = "ok"
+            if not target.exists():  # the same bytes under the same label are stored once
+                atomic_write_bytes(target, data)
+        result["status"] = "ok"  # collect() then marks every row but the list's first of a file "duplicate"
         return result
 
 

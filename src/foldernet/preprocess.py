@@ -100,10 +100,9 @@ def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = N
         pre = replace(pre, size=int(img_size))
     if kind == "image":
         return pre, None
-    from .audio import AudioConfig, config_for
+    from .audio import config_for
 
-    chosen = {k: v for k, v in (audio or {}).items() if v is not None}
-    cfg = config_for(list(paths), chosen) if paths else AudioConfig(**chosen)
+    cfg = config_for(list(paths or []), audio)  # chosen settings are checked and completed there
     return replace(pre, crop_pct=1.0), cfg
 
 

@@ -214,9 +214,10 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         t = time.perf_counter()
         bb = create_backbone(backbone, weights=weights)
         pre, audio_cfg = for_dataset(bb.data_config, ds.kind, img_size, audio, [it.path for it in ds.items])
-        if spectrogram_stats and (audio_cfg is None or mode != "head") and rank == 0:
+        stats_apply = audio_cfg is not None and mode == "head"
+        if spectrogram_stats and not stats_apply and rank == 0:
             console.print("note: --spectrogram-stats applies to audio in head mode only; ignored here")
-        spectrogram_stats = bool(spectrogram_stats and audio_cfg is not None and mode == "head")
+        spectrogram_stats = bool(spectrogram_stats and stats_apply)
         if spectrogram_stats:
             bb = add_spectrogram_stats(bb, pre.size)
         if audio_cfg is not None and mode == "head" and rank == 0:
