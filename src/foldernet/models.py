@@ -257,18 +257,22 @@ def add_spectrogram_stats(backbone: Backbone, size: int) -> Backbone:
             self.register_buffer("envelope", torch.from_numpy(averaging(size, np.linspace(0, 1, STATS_ENVELOPE + 1))))
             self.register_buffer("stats_mean", torch.zeros(spectrogram_stats_dim()))
             self.register_buffer("stats_scale", torch.ones(spectrogram_stats_dim()))
+            self.register_buffer("stats_limit", torch.tensor(float("inf")))  # clamp once standardised
             self.offset = backbone.num_features  # where the statistics start in the output
 
         def fit_standardisation(self, features: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
             """Set the statistics' mean and scale from ``fit_rows`` (the training clips) of this model's
-            output; returns ``features`` as the model now computes them (statistics standardised)."""
-            raw = features[:, self.offset:] * self.stats_scale.numpy() + self.stats_mean.numpy()
+            output before fitting (raw statistics); returns ``features`` as the model now computes them."""
+            if np.isfinite(self.stats_limit.item()):
+                raise RuntimeError("spectrogram statistics are already standardised")
+            raw = features[:, self.offset:]
             mean, std = raw[fit_rows].mean(axis=0), raw[fit_rows].std(axis=0)
             # z-scores at half unit scale. The floor (about 1 dB) and the clamp keep a statistic that was
             # constant in training (the padded tail of short clips) from exploding on a longer clip.
             scale = np.maximum(std, STATS_MIN_STD) / 0.5
             self.stats_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
             self.stats_scale.copy_(torch.from_numpy(scale.astype(np.float32)))
+            self.stats_limit.fill_(STATS_CLAMP)
             z = np.clip((raw - mean) / scale, -STATS_CLAMP, STATS_CLAMP)
             return np.concatenate([features[:, :self.offset], z], axis=1).astype(np.float32)
 
@@ -283,7 +287,7 @@ def add_spectrogram_stats(backbone: Backbone, size: int) -> Backbone:
                      torch.matmul(b.amax(dim=1), self.envelope),
                      (b[..., 1:] - b[..., :-1]).abs().mean(dim=-1)]
             z = (torch.cat([p.flatten(1) for p in parts], dim=1) - self.stats_mean) / self.stats_scale
-            return z.clamp(-STATS_CLAMP, STATS_CLAMP)
+            return torch.minimum(torch.maximum(z, -self.stats_limit), self.stats_limit)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.cat([self.net(x), self.stats(x)], dim=1)
