@@ -1,12 +1,16 @@
 """Audio through the same pipeline, on sounds the tests synthesise with NumPy."""
 
+import csv
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 import foldernet
+from foldernet.errors import FoldernetError
 from foldernet.models import create_backbone, spectrogram_stats_dim
 from foldernet.audio import (AudioConfig, config_for, log_mel, mel_filterbank, read_audio, resample,
                              warp_spectrogram, windows)
@@ -97,6 +101,34 @@ def test_train_predict_and_export_on_audio(sounds, tmp_path):
     assert onnx_pred.label == torch_pred.label
     assert abs(onnx_pred.confidence - torch_pred.confidence) < 1e-3
 
+    # a timeline answers each window of a long recording: five low tones, then five high ones,
+    # each followed by 0.3 s of silence
+    sr, rng = 22050, np.random.default_rng(99)
+    low_then_high = np.concatenate([part for kind in ["low"] * 5 + ["high"] * 5
+                                    for part in (_tone(kind, rng, sr), np.zeros(int(0.3 * sr), np.float32))])
+    sf.write(tmp_path / "low_then_high.wav", low_then_high, sr)
+    seconds = len(low_then_high) / sr
+    segments = model.timeline(tmp_path / "low_then_high.wav")
+    window = result.config["audio"]["window_seconds"]
+    assert len(segments) >= 2 * seconds / window - 2  # every window, not max_windows of them
+    assert [s.start for s in segments] == sorted(s.start for s in segments)
+    assert segments[0].start == 0 and abs(segments[-1].end - seconds) < 0.01
+    early = [s.label for s in segments if s.end <= 3.5]
+    late = [s.label for s in segments if s.start >= seconds - 3.5]
+    assert early.count("low") >= 0.8 * len(early) and late.count("high") >= 0.8 * len(late)
+    onnx_segments = OnnxClassifier(tmp_path / "run" / "export" / "model.onnx").timeline(tmp_path / "low_then_high.wav")
+    assert [s.label for s in onnx_segments] == [s.label for s in segments]
+    with pytest.raises(FoldernetError, match="cannot read audio .*broken.wav"):
+        (tmp_path / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
+        model.timeline(tmp_path / "broken.wav")
+    proc = subprocess.run([sys.executable, "-m", "foldernet", "predict", str(tmp_path / "run"),
+                           str(tmp_path / "low_then_high.wav"), "--timeline", "--csv", str(tmp_path / "t.csv")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert [r["label1"] for r in rows] == [s.label for s in segments]
+    assert float(rows[1]["start_s"]) == segments[1].start
+
 
 def test_spectrogram_stats_follow_the_time_course(tmp_path):
     """A plucked (decaying) and a swelling note with the same pitch: the statistics' loudness
@@ -130,8 +162,6 @@ def test_spectrogram_stats_follow_the_time_course(tmp_path):
 def test_spectrogram_stats_train_export_and_reload(sounds, tmp_path):
     """Through the command line, with the audio settings chosen there."""
     import json
-    import subprocess
-    import sys
 
     proc = subprocess.run([sys.executable, "-m", "foldernet", "train", str(sounds), "--out", str(tmp_path / "run"),
                            "--val", "0.2", "--test", "0.2", "--spectrogram-stats", "--window", "0.8",
@@ -238,6 +268,27 @@ def test_server_accepts_audio_and_returns_a_spectrogram(sounds, tmp_path):
         assert r.status_code == 200, r.text
         j = r.json()
         assert j["label"] in ("low", "high", "chirp") and j["spectrogram"].startswith("data:image/png;base64,")
+        assert "timeline" not in j
+        x, sr = sf.read(io.BytesIO(wav), always_2d=True)
+        x = x.mean(axis=1)
+        buf = io.BytesIO()
+        sf.write(buf, np.concatenate([x, np.zeros(sr // 2), x]), sr, format="WAV")  # two sounds, 1/2 s apart
+        r = client.post("/predict?timeline=true", files={"file": ("two.wav", buf.getvalue(), "audio/wav")})
+        assert r.status_code == 200, r.text
+        windows = r.json()["timeline"]
+        assert len(windows) >= 2 and windows[0]["start"] == 0 and windows[-1]["end"] > windows[0]["end"]
+        assert {w["label"] for w in windows} <= {"low", "high", "chirp"}
+        two_sounds = buf.getvalue()
+    # the page: an audio upload shows its spectrogram, the bar chart and the per-window timeline
+    from browser import browser_page, running_server
+
+    (tmp_path / "two.wav").write_bytes(two_sounds)
+    with running_server(create_app(tmp_path / "run")) as url, browser_page(1000, 900) as page:
+        page.goto(url + "/")
+        page.set_input_files("#file", str(tmp_path / "two.wav"))
+        page.wait_for_selector("#chart .bar", timeout=30000)
+        assert page.locator("#preview").get_attribute("src").startswith("data:image/png;base64,")
+        assert page.locator("#timeline tr").count() == len(windows) + 1
         r = client.post("/predict", files={"file": ("x.wav", b"RIFF....WAVEjunk", "audio/wav")})
         assert r.status_code == 415 and "audio" in r.json()["error"]
 

@@ -1,7 +1,4 @@
 import io
-import socket
-import threading
-import time
 
 import pytest
 from PIL import Image
@@ -79,39 +76,18 @@ def test_concurrent_requests_are_micro_batched(client, digits_dir):
     assert after["batches"] - before["batches"] < len(files)  # at least some requests shared a batch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_browser_uploads_an_image_and_sees_the_bar_chart(trained_run, digits_dir):
-    import uvicorn
-
-    from browser import browser_page, screenshot
+    from browser import browser_page, running_server, screenshot
     from foldernet.serve import create_app
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(trained_run.run_dir), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.1)
-    try:
-        with browser_page(1000, 900) as page:
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_selector("#explorer table")
-            img = sorted((digits_dir / "2_two").glob("*.png"))[0]
-            page.set_input_files("#file", str(img))
-            page.wait_for_selector("#chart .bar", timeout=30000)
-            assert page.locator("#chart .bar").count() == 5
-            assert page.locator("#verdict b").inner_text() in trained_run.config["labels"]
-            width = page.locator("#chart .bar .fill").first.evaluate("e => e.getBoundingClientRect().width")
-            assert width > 0
-            screenshot(page, "serve_upload.png")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with running_server(create_app(trained_run.run_dir)) as url, browser_page(1000, 900) as page:
+        page.goto(url + "/")
+        page.wait_for_selector("#explorer table")
+        img = sorted((digits_dir / "2_two").glob("*.png"))[0]
+        page.set_input_files("#file", str(img))
+        page.wait_for_selector("#chart .bar", timeout=30000)
+        assert page.locator("#chart .bar").count() == 5
+        assert page.locator("#verdict b").inner_text() in trained_run.config["labels"]
+        width = page.locator("#chart .bar .fill").first.evaluate("e => e.getBoundingClientRect().width")
+        assert width > 0
+        screenshot(page, "serve_upload.png")

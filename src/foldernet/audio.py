@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -214,6 +214,20 @@ def log_mel(x: np.ndarray, cfg: AudioConfig, ref_db: float | None = None) -> np.
     return np.clip(db - (db.max() if ref_db is None else ref_db), -cfg.top_db, 0.0)
 
 
+def window_starts(n_samples: int, cfg: AudioConfig) -> list[int]:
+    """Where each window begins (in samples at ``cfg.sample_rate``): 0 for a short clip; for a long
+    one every half window, the last flush with the end, at most max_windows spread evenly."""
+    n = int(cfg.window_seconds * cfg.sample_rate)
+    if n_samples <= n:
+        return [0]
+    starts = list(range(0, n_samples - n + 1, n // 2))
+    if starts[-1] != n_samples - n:
+        starts.append(n_samples - n)
+    if len(starts) > cfg.max_windows:
+        starts = [starts[int(i)] for i in np.linspace(0, len(starts) - 1, cfg.max_windows)]
+    return starts
+
+
 def windows(x: np.ndarray, cfg: AudioConfig) -> list[np.ndarray]:
     """Fixed-length windows: centre a short clip in silence; cut a long one with 50 % overlap (at
     most max_windows, spread evenly over the clip)."""
@@ -221,12 +235,7 @@ def windows(x: np.ndarray, cfg: AudioConfig) -> list[np.ndarray]:
     if len(x) <= n:
         left = (n - len(x)) // 2
         return [np.pad(x, (left, n - len(x) - left))]
-    starts = list(range(0, len(x) - n + 1, n // 2))
-    if starts[-1] != len(x) - n:
-        starts.append(len(x) - n)
-    if len(starts) > cfg.max_windows:
-        starts = [starts[int(i)] for i in np.linspace(0, len(starts) - 1, cfg.max_windows)]
-    return [x[s:s + n] for s in starts]
+    return [x[s:s + n] for s in window_starts(len(x), cfg)]
 
 
 def warp_spectrogram(db: np.ndarray, rng: np.random.Generator, top_db: float, stretch: float = 0.15,
@@ -260,15 +269,30 @@ def spectrogram_image(db: np.ndarray, cfg: AudioConfig, size: int | None = None)
     return img.convert("RGB")
 
 
-def clip_images(source, cfg: AudioConfig, size: int | None = None) -> tuple[list[Image.Image], dict]:
-    """Decode, resample, window and render a clip: (one image per window, facts for the audit)."""
+def _render_windows(source, cfg: AudioConfig, size: int | None):
+    """Decode, resample, window and render: (images, clip, window starts, samples at cfg's rate)."""
     clip = read_audio(source)
     clip.samples = np.clip(np.nan_to_num(clip.samples, nan=0.0, posinf=1.0, neginf=-1.0), -10.0, 10.0)
     x = resample(clip.samples, clip.sample_rate, cfg.sample_rate)
-    facts = audio_facts(clip)
     mels = [_raw_db(w, cfg) for w in windows(x, cfg)]
     ref = max(float(m.max()) for m in mels)  # the clip's loudest bin: quiet windows stay quiet
-    return [spectrogram_image(np.clip(m - ref, -cfg.top_db, 0.0), cfg, size) for m in mels], facts
+    images = [spectrogram_image(np.clip(m - ref, -cfg.top_db, 0.0), cfg, size) for m in mels]
+    return images, clip, window_starts(len(x), cfg), len(x)
+
+
+def clip_images(source, cfg: AudioConfig, size: int | None = None) -> tuple[list[Image.Image], dict]:
+    """Decode, resample, window and render a clip: (one image per window, facts for the audit)."""
+    images, clip, _, _ = _render_windows(source, cfg, size)
+    return images, audio_facts(clip)
+
+
+def timeline_images(source, cfg: AudioConfig, size: int | None = None
+                    ) -> tuple[list[Image.Image], list[tuple[float, float]]]:
+    """Every window of a recording (no max_windows cap, up to MAX_SECONDS) with its (start, end) in
+    seconds: the input of a timeline, where a long recording's windows are answered one by one."""
+    images, _, starts, total = _render_windows(source, replace(cfg, max_windows=1 << 30), size)
+    n = int(cfg.window_seconds * cfg.sample_rate)
+    return images, [(s / cfg.sample_rate, min(s + n, total) / cfg.sample_rate) for s in starts]
 
 
 def audio_facts(clip: Clip) -> dict:

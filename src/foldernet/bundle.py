@@ -75,12 +75,31 @@ class Prediction:
         return self.top[0][1] if self.top else None
 
 
+@dataclass
+class Segment:
+    """One window of a recording's timeline: when (seconds) and its top-k answer."""
+
+    start: float
+    end: float
+    top: list[tuple[str, float]]
+    not_sure: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.top[0][0]
+
+    @property
+    def confidence(self) -> float:
+        return self.top[0][1]
+
+
 class Predictor:
     """The API every predictor shares (torch bundle, ONNX file): subclasses give ``labels``,
     ``threshold`` and ``predict_batch(sources) -> (probs, features, ok, errors)``."""
 
     labels: list[str]
     threshold: float | None = None
+    audio = None  # AudioConfig for a model of sounds
     similarity_threshold: float | None = None
     index_dir: Path | None = None
     _index = None
@@ -139,6 +158,28 @@ class Predictor:
                 order = np.argsort(-probs[i])[:k]
                 top = [(self.labels[j], float(probs[i, j])) for j in order]
                 yield Prediction(name, top, None, bool(unsure[i]), neighbours[i] if neighbours else [])
+
+    def timeline(self, source: str | os.PathLike | bytes, top_k: int = 3, batch_size: int = 32) -> list[Segment]:
+        """What sounds when: every window of one recording answered on its own (``predict`` averages
+        them into one answer), with start and end in seconds. Windows overlap by half."""
+        from .audio import timeline_images
+
+        if self.audio is None:
+            raise FoldernetError("a timeline needs a model trained on audio; this one classifies images")
+        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+        try:
+            images, spans = timeline_images(source, self.audio, size=self.preprocess.size)
+        except Exception as exc:  # noqa: BLE001 - name the file and the reason, as predict does
+            reason = str(exc) if isinstance(exc, FoldernetError) else f"{type(exc).__name__}: {str(exc)[:120]}"
+            raise FoldernetError(f"cannot read audio {name}: {reason}") from exc
+        probs = np.concatenate([
+            self.forward([self.preprocess(im)[None] for im in images[i:i + batch_size]])[0]
+            for i in range(0, len(images), batch_size)])
+        unsure = self.not_sure(probs, None)
+        k = max(1, min(top_k, len(self.labels)))
+        return [Segment(round(a, 3), round(b, 3),
+                        [(self.labels[j], float(probs[i, j])) for j in np.argsort(-probs[i])[:k]], bool(unsure[i]))
+                for i, (a, b) in enumerate(spans)]
 
     def not_sure(self, probs: np.ndarray, feats: np.ndarray | None) -> np.ndarray:
         """The open-set rule of the bundle (see ``evaluate.NOT_SURE_QUANTILE``) for a batch."""

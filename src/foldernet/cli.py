@@ -126,12 +126,16 @@ def predict(
     top_k: int = typer.Option(5, "--top-k", "-k", help="how many labels to list per input"),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="write a CSV instead of printing"),
     similar: int = typer.Option(0, "--similar", help="also list this many most similar training images"),
+    timeline: bool = typer.Option(False, "--timeline", help="audio: answer every window of each recording "
+                                  "(start-end seconds) instead of their average: what sounds when"),
 ) -> None:
     """Top-k labels with probabilities for each image (label_image style), or a CSV."""
     from .bundle import load
     from .io import atomic_write_text
 
     model = load(run)
+    if timeline:
+        return _predict_timeline(model, inputs, top_k, csv_out)
     preds = model.iter_predict(inputs, top_k=top_k, progress=csv_out is not None, similar=similar)
     n_bad = 0
     if csv_out is not None:
@@ -161,6 +165,36 @@ def predict(
                 stdout.print(f"  similar: {n.path} ({n.label}) {n.similarity:.3f}")
     if n_bad:
         console.print(f"[yellow]{n_bad} input(s) could not be read; they are listed with the reason[/]")
+
+
+def _predict_timeline(model, inputs: list[Path], top_k: int, csv_out: Path | None) -> None:
+    """`predict --timeline`: one row per window of each recording, printed or as a CSV."""
+    from .bundle import expand_inputs
+    from .io import atomic_write_text
+
+    if model.audio is None:
+        raise FoldernetError("--timeline needs a model trained on audio; this one classifies images")
+    k = max(1, min(top_k, len(model.labels)))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "start_s", "end_s"] + [c for i in range(1, k + 1) for c in (f"label{i}", f"prob{i}")]
+               + ["not_sure"])
+    rows = 0
+    for src in expand_inputs(inputs):
+        segments = model.timeline(src, top_k=k)
+        rows += len(segments)
+        if csv_out is None:
+            stdout.print(f"{src} ({len(segments)} windows)")
+        for s in segments:
+            w.writerow([src, f"{s.start:.3f}", f"{s.end:.3f}"]
+                       + [c for lab, prob in s.top for c in (lab, f"{prob:.6f}")] + [int(s.not_sure)])
+            if csv_out is None:
+                rest = ", ".join(f"{lab} {prob:.2f}" for lab, prob in s.top[1:])
+                stdout.print(f"  {s.start:7.2f}-{s.end:7.2f} s  {s.label} {s.confidence:.4f}"
+                             + (" (not sure)" if s.not_sure else "") + (f"  [{rest}]" if rest else ""))
+    if csv_out is not None:
+        atomic_write_text(csv_out, buf.getvalue())
+        stdout.print(f"wrote {rows} windows to {csv_out}")
 
 
 @app.command()

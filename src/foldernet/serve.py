@@ -255,9 +255,10 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
 
     @app.post("/predict")
     async def predict(file: UploadFile = File(..., description="an image"),
-                      top_k: int = Query(5, ge=1, le=100), similar: int = Query(0, ge=0, le=20)):
+                      top_k: int = Query(5, ge=1, le=100), similar: int = Query(0, ge=0, le=20),
+                      timeline: bool = Query(False, description="audio: also answer every window (what sounds when)")):
         """Top-k labels with probabilities; ``not_sure`` by the bundle's open-set rule; ``similar``
-        nearest training images when asked."""
+        nearest training images when asked; for audio, ``timeline`` adds one answer per window."""
         data = await file.read(limits.max_bytes + 1)
         if len(data) > limits.max_bytes:
             raise UploadError(413, f"upload is larger than {limits.max_bytes // (1024 * 1024)} MB")
@@ -266,6 +267,11 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
         answer = await asyncio.to_thread(model.answer, probs, feats, top_k, similar)
         if model.audio is not None and pixels.shape[0] >= 1:
             answer["spectrogram"] = await asyncio.to_thread(_spectrogram_uri, data, model.audio)
+            if timeline:
+                segments = await asyncio.to_thread(model.clf.timeline, data, min(top_k, 3))
+                answer["timeline"] = [{"start": s.start, "end": s.end, "label": s.label,
+                                       "confidence": round(s.confidence, 6), "not_sure": s.not_sure}
+                                      for s in segments]
         return answer
 
     return app
@@ -343,7 +349,8 @@ async function send(file){
   else { img.style.display='none'; }
   const body = new FormData(); body.append('file', file);
   try{
-    const r = await fetch('/predict?top_k=5&similar=4', {method:'POST', body});
+    const isImage = (file.type||'').startsWith('image/');
+    const r = await fetch('/predict?top_k=5&similar=4' + (isImage ? '' : '&timeline=true'), {method:'POST', body});
     const j = await r.json();
     if(!r.ok){ $('chart').innerHTML=''; $('error').textContent=j.error||('error '+r.status); return; }
     let html = '<div id="verdict">' + (j.not_sure ? '<span class="unsure">not sure</span> — best guess: ' : '')
@@ -354,6 +361,11 @@ async function send(file){
         + '<span class="val">'+pct(t.probability)+'</span></div>';
     }
     if(j.spectrogram){ img.src=j.spectrogram; img.style.display='block'; img.alt='spectrogram'; }
+    if(j.timeline && j.timeline.length > 1){
+      html += '<table id="timeline"><tr><th>when (s)</th><th>sounds like</th><th>confidence</th></tr>' + j.timeline.map(w =>
+        '<tr><td>'+w.start.toFixed(1)+'–'+w.end.toFixed(1)+'</td><td>'+esc(w.label)+(w.not_sure?' <span class="unsure">?</span>':'')
+        +'</td><td class="num">'+pct(w.confidence)+'</td></tr>').join('') + '</table>';
+    }
     if(j.similar && j.similar.length){
       html += '<div id="similar"><p>Most similar training images:</p>' + j.similar.map(n =>
         '<figure><img alt="" src="'+n.image+'"><figcaption>'+esc(n.label)+' '+n.similarity.toFixed(2)+'</figcaption></figure>').join('') + '</div>';
