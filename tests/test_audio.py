@@ -122,9 +122,10 @@ def test_train_predict_and_export_on_audio(sounds, tmp_path):
         (tmp_path / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
         model.timeline(tmp_path / "broken.wav")
     proc = subprocess.run([sys.executable, "-m", "foldernet", "predict", str(tmp_path / "run"),
-                           str(tmp_path / "low_then_high.wav"), "--timeline", "--csv", str(tmp_path / "t.csv")],
-                          capture_output=True, text=True)
+                           str(tmp_path / "low_then_high.wav"), str(tmp_path / "broken.wav"), "--timeline",
+                           "--csv", str(tmp_path / "t.csv")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    assert "broken.wav" in proc.stdout and "skipped" in proc.stdout  # named, and the good file still done
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert [r["label1"] for r in rows] == [s.label for s in segments]
     assert float(rows[1]["start_s"]) == segments[1].start

@@ -179,9 +179,14 @@ def _predict_timeline(model, inputs: list[Path], top_k: int, csv_out: Path | Non
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "start_s", "end_s"] + [c for i in range(1, k + 1) for c in (f"label{i}", f"prob{i}")]
                + ["not_sure"])
-    rows = 0
+    rows, bad = 0, []
     for src in expand_inputs(inputs):
-        segments = model.timeline(src, top_k=k)
+        try:
+            segments = model.timeline(src, top_k=k)
+        except FoldernetError as exc:  # skip and report, as predict does: one bad file stops nothing
+            bad.append(src)
+            stdout.print(f"{src}\n  skipped: {exc}")
+            continue
         rows += len(segments)
         if csv_out is None:
             stdout.print(f"{src} ({len(segments)} windows)")
@@ -195,6 +200,8 @@ def _predict_timeline(model, inputs: list[Path], top_k: int, csv_out: Path | Non
     if csv_out is not None:
         atomic_write_text(csv_out, buf.getvalue())
         stdout.print(f"wrote {rows} windows to {csv_out}")
+    if bad:
+        console.print(f"[yellow]{len(bad)} input(s) could not be read; they are listed with the reason[/]")
 
 
 @app.command()
