@@ -46,6 +46,11 @@ class AudioConfig:
     top_db: float = 80.0
     max_windows: int = 16
 
+    @property
+    def window_samples(self) -> int:
+        """The window's length in samples at ``sample_rate``."""
+        return int(self.window_seconds * self.sample_rate)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -217,7 +222,7 @@ def log_mel(x: np.ndarray, cfg: AudioConfig, ref_db: float | None = None) -> np.
 def window_starts(n_samples: int, cfg: AudioConfig) -> list[int]:
     """Where each window begins (in samples at ``cfg.sample_rate``): 0 for a short clip; for a long
     one every half window, the last flush with the end, at most max_windows spread evenly."""
-    n = int(cfg.window_seconds * cfg.sample_rate)
+    n = cfg.window_samples
     if n_samples <= n:
         return [0]
     starts = list(range(0, n_samples - n + 1, n // 2))
@@ -231,7 +236,7 @@ def window_starts(n_samples: int, cfg: AudioConfig) -> list[int]:
 def windows(x: np.ndarray, cfg: AudioConfig) -> list[np.ndarray]:
     """Fixed-length windows: centre a short clip in silence; cut a long one with 50 % overlap (at
     most max_windows, spread evenly over the clip)."""
-    n = int(cfg.window_seconds * cfg.sample_rate)
+    n = cfg.window_samples
     if len(x) <= n:
         left = (n - len(x)) // 2
         return [np.pad(x, (left, n - len(x) - left))]
@@ -291,7 +296,7 @@ def timeline_images(source, cfg: AudioConfig, size: int | None = None
     """Every window of a recording (no max_windows cap, up to MAX_SECONDS) with its (start, end) in
     seconds: the input of a timeline, where a long recording's windows are answered one by one."""
     images, _, starts, total = _render_windows(source, replace(cfg, max_windows=1 << 30), size)
-    n = int(cfg.window_seconds * cfg.sample_rate)
+    n = cfg.window_samples
     return images, [(s / cfg.sample_rate, min(s + n, total) / cfg.sample_rate) for s in starts]
 
 

@@ -119,6 +119,19 @@ def evaluate(
         console.print(Text("skipped ", style="yellow") + Text(f"{rel}: {reason}"))
 
 
+def _topk_columns(k: int) -> list[str]:
+    return [c for i in range(1, k + 1) for c in (f"label{i}", f"prob{i}")]
+
+
+def _topk_cells(top: list[tuple[str, float]]) -> list[str]:
+    return [c for lab, prob in top for c in (lab, f"{prob:.6f}")]
+
+
+def _warn_unreadable(n: int) -> None:
+    if n:
+        console.print(f"[yellow]{n} input(s) could not be read; they are listed with the reason[/]")
+
+
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
@@ -142,13 +155,13 @@ def predict(
         k = max(1, min(top_k, len(model.labels)))
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"label{i}", f"prob{i}")] + ["not_sure", "error"]
+        w.writerow(["path"] + _topk_columns(k) + ["not_sure", "error"]
                    + (["similar"] if similar else []))
         count = 0
         for p in preds:
             count += 1
             n_bad += p.error is not None
-            cells = [c for lab, prob in p.top for c in (lab, f"{prob:.6f}")]
+            cells = _topk_cells(p.top)
             w.writerow([p.source] + cells + [""] * (2 * k - len(cells)) + [int(p.not_sure), p.error or ""]
                        + (["|".join(f"{n.path}:{n.similarity:.3f}" for n in p.similar)] if similar else []))
         atomic_write_text(csv_out, buf.getvalue())
@@ -163,8 +176,7 @@ def predict(
                 stdout.print(f"  {label} {prob:.4f}")
             for n in p.similar:
                 stdout.print(f"  similar: {n.path} ({n.label}) {n.similarity:.3f}")
-    if n_bad:
-        console.print(f"[yellow]{n_bad} input(s) could not be read; they are listed with the reason[/]")
+    _warn_unreadable(n_bad)
 
 
 def _predict_timeline(model, inputs: list[Path], top_k: int, csv_out: Path | None) -> None:
@@ -177,22 +189,20 @@ def _predict_timeline(model, inputs: list[Path], top_k: int, csv_out: Path | Non
     k = max(1, min(top_k, len(model.labels)))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "start_s", "end_s"] + [c for i in range(1, k + 1) for c in (f"label{i}", f"prob{i}")]
-               + ["not_sure"])
-    rows, bad = 0, []
+    w.writerow(["path", "start_s", "end_s"] + _topk_columns(k) + ["not_sure"])
+    rows = n_bad = 0
     for src in expand_inputs(inputs):
         try:
             segments = model.timeline(src, top_k=k)
         except FoldernetError as exc:  # skip and report, as predict does: one bad file stops nothing
-            bad.append(src)
+            n_bad += 1
             stdout.print(f"{src}\n  skipped: {exc}")
             continue
         rows += len(segments)
         if csv_out is None:
             stdout.print(f"{src} ({len(segments)} windows)")
         for s in segments:
-            w.writerow([src, f"{s.start:.3f}", f"{s.end:.3f}"]
-                       + [c for lab, prob in s.top for c in (lab, f"{prob:.6f}")] + [int(s.not_sure)])
+            w.writerow([src, f"{s.start:.3f}", f"{s.end:.3f}"] + _topk_cells(s.top) + [int(s.not_sure)])
             if csv_out is None:
                 rest = ", ".join(f"{lab} {prob:.2f}" for lab, prob in s.top[1:])
                 stdout.print(f"  {s.start:7.2f}-{s.end:7.2f} s  {s.label} {s.confidence:.4f}"
@@ -200,8 +210,7 @@ def _predict_timeline(model, inputs: list[Path], top_k: int, csv_out: Path | Non
     if csv_out is not None:
         atomic_write_text(csv_out, buf.getvalue())
         stdout.print(f"wrote {rows} windows to {csv_out}")
-    if bad:
-        console.print(f"[yellow]{len(bad)} input(s) could not be read; they are listed with the reason[/]")
+    _warn_unreadable(n_bad)
 
 
 @app.command()
