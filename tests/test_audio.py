@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+from PIL import Image
 
 import foldernet
 from foldernet.errors import FoldernetError
@@ -279,6 +280,10 @@ def test_server_accepts_audio_and_returns_a_spectrogram(sounds, tmp_path):
         windows = r.json()["timeline"]
         assert len(windows) >= 2 and windows[0]["start"] == 0 and windows[-1]["end"] > windows[0]["end"]
         assert {w["label"] for w in windows} <= {"low", "high", "chirp"}
+        png = io.BytesIO()
+        Image.new("RGB", (64, 64), (90, 120, 200)).save(png, "PNG")
+        r = client.post("/predict?timeline=true", files={"file": ("x.png", png.getvalue(), "image/png")})
+        assert r.status_code == 200 and "timeline" not in r.json()  # an image has no windows in time
         two_sounds = buf.getvalue()
     # the page: an audio upload shows its spectrogram, the bar chart and the per-window timeline
     from browser import browser_page, running_server

@@ -267,7 +267,7 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
         answer = await asyncio.to_thread(model.answer, probs, feats, top_k, similar)
         if model.audio is not None and pixels.shape[0] >= 1:
             answer["spectrogram"] = await asyncio.to_thread(_spectrogram_uri, data, model.audio)
-            if timeline:
+            if timeline and answer["spectrogram"]:  # a sound, not an image sent to a sound model
                 segments = await asyncio.to_thread(model.clf.timeline, data, min(top_k, 3))
                 answer["timeline"] = [{"start": s.start, "end": s.end, "label": s.label,
                                        "confidence": round(s.confidence, 6), "not_sure": s.not_sure}
