@@ -45,6 +45,7 @@ class AudioConfig:
     fmax: float = 8000.0
     top_db: float = 80.0
     max_windows: int = 16
+    mel_scale: str = "htk"  # or "slaney" (librosa's default), what a backbone trained with librosa saw
 
     @property
     def window_samples(self) -> int:
@@ -180,13 +181,24 @@ def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
-    """(n_mels, n_fft // 2 + 1) triangular filters, area-normalised (Slaney), HTK mel scale."""
+def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float, scale: str = "htk") -> np.ndarray:
+    """(n_mels, n_fft // 2 + 1) triangular filters, area-normalised (Slaney), on the HTK mel scale or
+    Slaney's (linear below 1 kHz, logarithmic above: librosa's default)."""
+    if scale not in ("htk", "slaney"):
+        raise FoldernetError(f"unknown mel scale '{scale}': use htk or slaney")
+    step, log_step = 200.0 / 3, np.log(6.4) / 27.0  # Slaney: 15 mels per kHz below 1 kHz
+
     def hz_to_mel(f):
-        return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
+        f = np.asarray(f, dtype=np.float64)
+        if scale == "htk":
+            return 2595.0 * np.log10(1.0 + f / 700.0)
+        return np.where(f < 1000.0, f / step, 15.0 + np.log(np.maximum(f, 1e-9) / 1000.0) / log_step)
 
     def mel_to_hz(m):
-        return 700.0 * (10 ** (np.asarray(m) / 2595.0) - 1.0)
+        m = np.asarray(m, dtype=np.float64)
+        if scale == "htk":
+            return 700.0 * (10 ** (m / 2595.0) - 1.0)
+        return np.where(m < 15.0, m * step, 1000.0 * np.exp(log_step * (m - 15.0)))
 
     freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
     edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(min(fmax, sr / 2)), n_mels + 2))
@@ -208,7 +220,7 @@ def _raw_db(x: np.ndarray, cfg: AudioConfig) -> np.ndarray:
     idx = np.arange(n_fft)[None, :] + hop * np.arange(n_frames)[:, None]
     window = np.hanning(n_fft + 1)[:-1].astype(np.float32)
     spec = np.abs(np.fft.rfft(x[idx] * window, axis=1)) ** 2 / (window.sum() ** 2 / 4)
-    mel = mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels, cfg.fmin, cfg.fmax) @ spec.T
+    mel = mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels, cfg.fmin, cfg.fmax, cfg.mel_scale) @ spec.T
     return 10.0 * np.log10(np.maximum(mel, 1e-12))
 
 

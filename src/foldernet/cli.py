@@ -52,7 +52,8 @@ def _print_train_result(result) -> None:
 def train(
     data: Path = typer.Argument(..., help="DATA/<class>/<images> or DATA/{train,val,test}/<class>/<images>"),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="run folder to create"),
-    backbone: str = typer.Option("tf_efficientnet_lite0", help="any timm model name"),
+    backbone: str = typer.Option("tf_efficientnet_lite0", help="any timm model name; scratch; for sound also "
+                                 "musicnn_mtt or musicnn_msd (audio-pretrained; pip install --no-deps musicnn)"),
     weights: Optional[Path] = typer.Option(None, help="local weights file (.safetensors or state_dict)"),
     mode: str = typer.Option("head", help="head: frozen backbone + linear head (fast); finetune: then the whole "
                              "network with progressive unfreezing"),
@@ -80,7 +81,7 @@ def train(
     sample_rate: Optional[int] = typer.Option(None, help="audio: resample to this rate (default 16000, or the "
                                               "data's lower rate)"),
     n_mels: Optional[int] = typer.Option(None, help="audio: mel bands (default 128; 64 below 16 kHz)"),
-    spectrogram_stats: bool = typer.Option(False, help="audio, ImageNet backbone, head mode: append spectrogram "
+    spectrogram_stats: bool = typer.Option(False, help="audio, head mode: append spectrogram "
                                            "statistics per time segment (band levels, MFCCs, envelope); for clips of "
                                            "one sound event each, such as instrument notes"),
     force: bool = typer.Option(False, "--force", help="replace an existing run folder"),

@@ -122,8 +122,11 @@ def make_engine(model, size: int, digest: str, prefer: str = "onnx") -> TorchEng
                 export_onnx(model, size, path)
             engine = OnnxEngine(path)
             x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
-            diff = float(np.abs(engine(x) - TorchEngine(model)(x)).max())
-            if diff < 1e-3:
+            ref = TorchEngine(model)(x)
+            diff = float(np.abs(engine(x) - ref).max())
+            # float32 rounding grows with the features' scale, and standardised features (audio) magnify
+            # it up to 10x; a broken export (padding, layout) is off by far more
+            if diff < 5e-3 + 1e-4 * float(np.abs(ref).max()):
                 return engine
             log.warning("ONNX export disagrees with torch (max diff %.2g); using torch", diff)
         except Exception as exc:  # noqa: BLE001 - any export/runtime failure falls back to torch

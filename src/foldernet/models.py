@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:  # torch is imported where it is used, so `import foldernet` stays light
     import torch
     from torch import nn
 
 from .errors import FoldernetError
+from .musicnn import MUSICNN_MODELS
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
@@ -138,6 +141,12 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | N
         return Backbone(name=name, model=model, weights_source="random init" if weights is None else
                         f"file:{Path(weights).name}", num_features=model.num_features,
                         data_config=scratch_data_config())
+    if name in MUSICNN_MODELS:
+        from .musicnn import create_musicnn, data_config
+
+        model, source = create_musicnn(name, weights, pretrained)
+        return Backbone(name=name, model=model, weights_source=source, num_features=model.num_features,
+                        data_config=data_config())
     try:
         model = timm.create_model(name, pretrained=False)
     except RuntimeError as exc:
@@ -213,6 +222,30 @@ STATS_SEGMENTS = (0.0, 1 / 40, 1 / 8, 3 / 8, 3 / 4, 1.0)
 STATS_MIN_STD, STATS_CLAMP = 0.05, 3.0  # input units (about 18 dB each for ImageNet normalisation)
 
 
+def fit_standardisation(module, features: np.ndarray, fit_rows: np.ndarray, columns: slice, prefix: str,
+                        min_std: float) -> np.ndarray:
+    """Standardise ``features[:, columns]`` (what ``module`` adds to the embedding) on ``fit_rows`` (the
+    training clips): z-scores at half unit scale, clamped to +-STATS_CLAMP, with the mean, scale and
+    clamp stored in the module's ``{prefix}_mean/_scale/_limit`` buffers (saved with the model), so the
+    model computes from then on exactly the features returned here. Features of very different scales
+    side by side (ImageNet's, musicnn's, spectrogram statistics in dB) then weigh alike in the head and
+    in similar-example search. The floor ``min_std`` and the clamp keep a feature that was constant in
+    training (the padded tail of short clips) from exploding on another clip."""
+    import torch
+
+    if np.isfinite(getattr(module, f"{prefix}_limit").item()):
+        raise RuntimeError(f"{type(module).__name__} features are already standardised")
+    raw = features[:, columns]
+    mean, std = raw[fit_rows].mean(axis=0), raw[fit_rows].std(axis=0)
+    scale = np.maximum(std, min_std) / 0.5
+    getattr(module, f"{prefix}_mean").copy_(torch.from_numpy(mean.astype(np.float32)))
+    getattr(module, f"{prefix}_scale").copy_(torch.from_numpy(scale.astype(np.float32)))
+    getattr(module, f"{prefix}_limit").fill_(STATS_CLAMP)
+    out = np.array(features, dtype=np.float32)
+    out[:, columns] = np.clip((raw - mean) / scale, -STATS_CLAMP, STATS_CLAMP)
+    return out
+
+
 def spectrogram_stats_dim() -> int:
     n_seg = len(STATS_SEGMENTS) - 1
     return n_seg * (STATS_BANDS + 2 * STATS_MFCC) + STATS_ENVELOPE + STATS_BANDS
@@ -229,7 +262,6 @@ def add_spectrogram_stats(backbone: Backbone, size: int) -> Backbone:
     instrument notes of unseen instruments they added about 8 points (benchmarks/audio.py).
     Everything is a fixed matrix product on the (B, 3, S, S) input, so the model exports to ONNX as is.
     """
-    import numpy as np
     import torch
     from torch import nn
 
@@ -261,20 +293,7 @@ def add_spectrogram_stats(backbone: Backbone, size: int) -> Backbone:
             self.offset = backbone.num_features  # where the statistics start in the output
 
         def fit_standardisation(self, features: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
-            """Set the statistics' mean and scale from ``fit_rows`` (the training clips) of this model's
-            output before fitting (raw statistics); returns ``features`` as the model now computes them."""
-            if np.isfinite(self.stats_limit.item()):
-                raise RuntimeError("spectrogram statistics are already standardised")
-            raw = features[:, self.offset:]
-            mean, std = raw[fit_rows].mean(axis=0), raw[fit_rows].std(axis=0)
-            # z-scores at half unit scale. The floor (about 1 dB) and the clamp keep a statistic that was
-            # constant in training (the padded tail of short clips) from exploding on a longer clip.
-            scale = np.maximum(std, STATS_MIN_STD) / 0.5
-            self.stats_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
-            self.stats_scale.copy_(torch.from_numpy(scale.astype(np.float32)))
-            self.stats_limit.fill_(STATS_CLAMP)
-            z = np.clip((raw - mean) / scale, -STATS_CLAMP, STATS_CLAMP)
-            return np.concatenate([features[:, :self.offset], z], axis=1).astype(np.float32)
+            return fit_standardisation(self, features, fit_rows, slice(self.offset, None), "stats", STATS_MIN_STD)
 
         def stats(self, x: torch.Tensor) -> torch.Tensor:
             s = x[:, 0]                                          # (B, F, T), loudest at the top

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from .errors import FoldernetError
+
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS,
              "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
@@ -98,11 +100,20 @@ def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = N
     pre = Preprocess.from_timm(data_config)
     if img_size:
         pre = replace(pre, size=int(img_size))
+    needs = data_config.get("audio") or {}  # a backbone trained on spectrograms fixes how they are made
     if kind == "image":
+        if needs:
+            raise FoldernetError("this backbone was trained on sound (spectrograms) and cannot read images: "
+                                 "use an image backbone such as tf_efficientnet_lite0")
         return pre, None
     from .audio import config_for
 
-    cfg = config_for(list(paths or []), audio)  # chosen settings are checked and completed there
+    chosen = {k: v for k, v in (audio or {}).items() if v is not None}
+    for key, value in chosen.items():
+        if key in needs and key != "window_seconds" and value != needs[key]:
+            raise FoldernetError(f"this backbone needs audio {key.replace('_', ' ')} {needs[key]} (it was trained "
+                                 f"so), not {value}: drop that setting")
+    cfg = config_for(list(paths or []), {**needs, **chosen})  # checked and completed there
     return replace(pre, crop_pct=1.0), cfg
 
 

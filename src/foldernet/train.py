@@ -221,10 +221,14 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         if spectrogram_stats:
             bb = add_spectrogram_stats(bb, pre.size)
         if audio_cfg is not None and mode == "head" and rank == 0:
-            console.print("note: audio with ImageNet features + head. For speech, `--backbone scratch --img-size 64` "
-                          "did far better on unseen speakers"
-                          + ("" if spectrogram_stats else "; for clips of one sound each (instrument notes), "
-                             "`--spectrogram-stats` added 8 points on unseen instruments")
+            hints = ["for speech, `--backbone scratch --img-size 64` did far better on unseen speakers"]
+            if not backbone.startswith("musicnn"):
+                hints.append("for music and instruments, the audio-pretrained `--backbone musicnn_mtt` (weights: "
+                             "`pip install --no-deps musicnn`) beat ImageNet features on unseen instruments")
+            if not spectrogram_stats:
+                hints.append("for clips of one sound each (instrument notes), `--spectrogram-stats` added points "
+                             "on unseen instruments")
+            console.print(f"note: audio with {bb.name} features + head. " + "; ".join(hints).capitalize()
                           + " (benchmarks/audio.py).")
         digest = state_digest(bb.model)
         extractor = FeatureExtractor(bb.model, pre, digest, backbone, engine=engine, use_cache=use_cache,
@@ -274,8 +278,9 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
         if missing:
             raise FoldernetError(f"classes with no training image: {', '.join(missing)}. Add images or remove them.")
 
-        if spectrogram_stats:  # standardise the statistics on the training clips (saved with the model)
-            feats.vectors = bb.model.fit_standardisation(feats.vectors, sel["train"])
+        for part in bb.model.modules():  # statistics, musicnn: standardised on the training clips (saved)
+            if hasattr(part, "fit_standardisation"):
+                feats.vectors = part.fit_standardisation(feats.vectors, sel["train"])
         counts_train = {labels[i]: int((y[sel['train']] == i).sum()) for i in range(len(labels))}
         ratio = imbalance_ratio(counts_train)
         use_weights = balance in ("weights", "sampler") or (balance == "auto" and ratio > 3)
