@@ -105,6 +105,8 @@ def test_train_export_and_predict_on_musicnn(tmp_path):
                              val=0.25, test=0.25, allow_leakage=True)  # two sines of close pitch look alike
     assert result.config["audio"]["mel_scale"] == "slaney" and result.config["audio"]["n_mels"] == 96
     assert result.metrics["splits"]["test"]["accuracy"] >= 0.8  # chance is 1/2
+    html_report = (tmp_path / "run" / "report.html").read_text()
+    assert "3 s windows" in html_report and "96 mel bands (slaney scale, 0-8000 Hz), n_fft 512, hop 256" in html_report
     sf.write(tmp_path / "saw.wav", _note("saw", rng), 16000)
     model = foldernet.load(tmp_path / "run")
     assert model.predict([tmp_path / "saw.wav"])[0].label == "saw"

@@ -95,6 +95,15 @@ def _table(header: list[str], rows: list[list], cls: str = "") -> str:
     return f"<table class='{cls}'><tr>{head}</tr>{body}</table>"
 
 
+def _audio_settings(cfg: dict) -> str:
+    """How the model hears: the spectrogram settings the bundle keeps (and predict reuses)."""
+    a = cfg["audio"]
+    return (f"{a['sample_rate']} Hz mono, {a['window_seconds']:g} s windows (half overlap), log-mel spectrogram: "
+            f"{a['n_mels']} mel bands ({a.get('mel_scale', 'htk')} scale, {a['fmin']:g}-{a['fmax']:g} Hz), "
+            f"n_fft {a['n_fft']}, hop {a['hop_length']}, {a['top_db']:g} dB range"
+            + ("; with spectrogram statistics" if cfg.get("spectrogram_stats") else ""))
+
+
 def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = None, max_gallery: int = 48,
                  title: str | None = None) -> Path:
     run = Path(run)
@@ -117,6 +126,7 @@ def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = N
         ["split sizes", f"train {sizes.get('train', 0)}, val {sizes.get('val', 0)}, test {sizes.get('test', 0)}"
          + (" (from the folder layout)" if cfg["data"].get("predefined_split") else "")],
         ["backbone", f"{e(cfg['backbone'])} ({e(cfg['weights_source'])}), mode {e(cfg['mode'])}, engine {e(cfg.get('engine', ''))}"],
+        *([["sound", _audio_settings(cfg)]] if cfg.get("audio") else []),
         ["time", ", ".join(f"{k} {v:.1f}s" for k, v in t.items())],
         ["created", e(cfg.get("created", ""))]]) + "</section>")
 
