@@ -319,3 +319,33 @@ def test_hostile_wav_headers_are_refused_without_huge_allocations(tmp_path):
             read_audio(bytes(data))
     clip = read_audio(bytes(huge_data))  # reads what is really there
     assert clip.seconds <= 0.2
+
+
+def test_finetune_validation_sees_every_window_as_predict_does(tmp_path):
+    """Fine-tuning picks its epoch on validation clips: they must look as predict sees them (every
+    window, in dB from the clip's loudest bin), not one middle window that misses a note's onset."""
+    import torch
+
+    from foldernet.finetune import FolderDataset
+    from foldernet.preprocess import for_dataset, source_pixels
+
+    rng = np.random.default_rng(5)
+    note = np.concatenate([_tone("low", rng, 16000, 0.5), 0.02 * _tone("high", rng, 16000, 2.5)])
+    sf.write(tmp_path / "note.wav", note, 16000)
+    pre, cfg = for_dataset(create_backbone("scratch", pretrained=False).data_config, "audio",
+                           audio={"window_seconds": 1.0}, paths=[tmp_path / "note.wav"])
+    expected = source_pixels(tmp_path / "note.wav", pre, cfg)
+    assert len(expected) >= 4
+    val = FolderDataset([tmp_path / "note.wav"], np.array([0]), None, pre.resize_size, cfg, "none", pre, train=False)
+    x, label = val[0]
+    assert label == 0 and x.shape == expected.shape
+    np.testing.assert_allclose(x.numpy(), expected, atol=1e-6)
+    train = FolderDataset([tmp_path / "note.wav"], np.array([0]), None, pre.resize_size, cfg, "none", pre, train=True)
+    torch.manual_seed(0)
+    drawn = set()
+    for _ in range(20):  # training draws one window at a time, each as predict sees it (no augmentation here)
+        x = train[0][0].numpy()
+        match = [k for k, w in enumerate(expected) if np.abs(w - x).max() < 1e-6]
+        assert match, "a training window is not rendered as predict renders it (quiet windows must stay quiet)"
+        drawn.add(match[0])
+    assert len(drawn) > 1

@@ -291,10 +291,16 @@ def _render_windows(source, cfg: AudioConfig, size: int | None):
     clip = read_audio(source)
     clip.samples = np.clip(np.nan_to_num(clip.samples, nan=0.0, posinf=1.0, neginf=-1.0), -10.0, 10.0)
     x = resample(clip.samples, clip.sample_rate, cfg.sample_rate)
-    mels = [_raw_db(w, cfg) for w in windows(x, cfg)]
-    ref = max(float(m.max()) for m in mels)  # the clip's loudest bin: quiet windows stay quiet
-    images = [spectrogram_image(np.clip(m - ref, -cfg.top_db, 0.0), cfg, size) for m in mels]
+    images = [spectrogram_image(db, cfg, size) for db in window_mels(x, cfg)]
     return images, clip, window_starts(len(x), cfg), len(x)
+
+
+def window_mels(x: np.ndarray, cfg: AudioConfig) -> list[np.ndarray]:
+    """Each window's (n_mels, frames) dB spectrogram relative to the clip's loudest bin, clipped to
+    [-top_db, 0]: quiet windows of a loud clip stay quiet, as the model hears them everywhere."""
+    mels = [_raw_db(w, cfg) for w in windows(x, cfg)]
+    ref = max(float(m.max()) for m in mels)
+    return [np.clip(m - ref, -cfg.top_db, 0.0) for m in mels]
 
 
 def clip_images(source, cfg: AudioConfig, size: int | None = None) -> tuple[list[Image.Image], dict]:

@@ -97,7 +97,9 @@ class FolderDataset:
     """(image, label) pairs decoded on demand; unreadable files were already dropped by extraction.
     For audio: training draws a random window, stretches it in frequency and time and shifts it
     (``warp_spectrogram``), with ``strong`` mixes in another training clip at low gain (keeping this
-    clip's label), and applies SpecAugment; evaluation takes the middle window."""
+    clip's label), and applies SpecAugment, in dB relative to the clip's loudest bin as predict sees it;
+    evaluation gives every window, rendered as predict renders them, and averages their logits (it used
+    to take the middle window alone, which for a 4 s note in 3 s windows missed the onset)."""
 
     def __init__(self, paths: list[Path], labels: np.ndarray, transform, draft: int, audio=None,
                  augment: str = "none", pre: Preprocess | None = None, train: bool = False):
@@ -110,9 +112,12 @@ class FolderDataset:
     def _audio_item(self, i: int):
         import torch
 
-        from .audio import log_mel, read_audio, resample, spectrogram_image, warp_spectrogram, windows
+        from .audio import clip_images, read_audio, resample, spectrogram_image, warp_spectrogram, window_mels
 
         cfg = self.audio
+        if not self.train:  # every window, rendered exactly as predict renders them (their logits averaged)
+            images, _ = clip_images(self.paths[i], cfg, self.pre.size)
+            return torch.from_numpy(np.stack([self.pre(img) for img in images])), int(self.labels[i])
         clip = read_audio(self.paths[i])
         x = resample(clip.samples, clip.sample_rate, cfg.sample_rate)
         if self.train and self.augment == "strong" and len(self.paths) > 1 and torch.rand(()) < 0.5:
@@ -121,10 +126,9 @@ class FolderDataset:
             y = resample(other.samples, other.sample_rate, cfg.sample_rate)[:len(x)]
             x = x.copy()
             x[:len(y)] += float(torch.empty(()).uniform_(0.1, 0.3)) * y
-        wins = windows(x, cfg)
-        k = int(torch.randint(0, len(wins), ()).item()) if self.train else len(wins) // 2
-        augmenting = self.train and self.augment != "none"
-        db = log_mel(wins[k], cfg)
+        mels = window_mels(x, cfg)
+        db = mels[int(torch.randint(0, len(mels), ()).item())]
+        augmenting = self.augment != "none"
         if augmenting:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())  # follows torch's seed: resumable runs repeat
             db = warp_spectrogram(db, np.random.default_rng(seed), cfg.top_db)
@@ -265,10 +269,13 @@ def finetune(backbone, head_weight, head_bias, train_paths: list[Path], y_train:
         preds, losses = [], []
         with torch.inference_mode():
             for i in range(0, len(val_ds), cfg.batch_size):
-                xs = torch.stack([val_ds[j][0] for j in range(i, min(i + cfg.batch_size, len(val_ds)))])
-                logits = net(xs)
-                ys = torch.from_numpy(y_val[i:i + len(xs)]).long()
-                losses.append(float(nn.functional.cross_entropy(logits, ys)) * len(xs))
+                # an image is one input; a sound is all its windows, whose logits are averaged as in predict
+                items = [val_ds[j][0] for j in range(i, min(i + cfg.batch_size, len(val_ds)))]
+                items = [x if x.dim() == 4 else x[None] for x in items]
+                out = torch.cat([net(chunk) for chunk in torch.cat(items).split(cfg.batch_size)])
+                logits = torch.stack([part.mean(0) for part in out.split([len(x) for x in items])])
+                ys = torch.from_numpy(y_val[i:i + len(items)]).long()
+                losses.append(float(nn.functional.cross_entropy(logits, ys)) * len(items))
                 preds.append(logits.argmax(1).numpy())
         pred = np.concatenate(preds) if preds else np.array([], int)
         acc = float(np.mean(pred == y_val)) if len(pred) else float("nan")
