@@ -11,13 +11,14 @@ Its weights ship inside the PyPI package ``musicnn`` (ISC licence) as TensorFlow
 package pins TensorFlow 1 and numpy<1.17, so it installs without its dependencies
 (``pip install --no-deps musicnn``) and is never imported: ``read_tf_checkpoint`` reads the
 checkpoint files directly and the network is rebuilt here in PyTorch, layer for layer (checked
-against TensorFlow's own output to 1e-5). ``--weights`` may name a checkpoint folder instead, or a
+against TensorFlow's own output: max difference about 1e-4). ``--weights`` may name a checkpoint folder instead, or a
 state_dict saved from this module.
 
 The input is the same spectrogram image every audio backbone gets; the backbone asks the pipeline
 (``data_config["audio"]``) to render it as musicnn was trained: 16 kHz, n_fft 512, hop 256, 96 mel
-bands on the Slaney scale, 3 s windows. ``SpectrogramToMusicnn`` turns the image back into musicnn's
-``log10(10000 * power + 1)`` input, with the clip's loudest bin set to ``PEAK_POWER``.
+bands on the Slaney scale, 3 s windows. The network's ``from_image`` turns the image back into
+musicnn's ``log10(10000 * power + 1)`` input (96 x 187), with the clip's loudest bin set to
+``PEAK_POWER``; the same image also feeds ``--spectrogram-stats``, and the model exports to ONNX whole.
 The features are musicnn's temporal max- and mean-pooling of its front- and mid-end (1,506 values),
 standardised on the training clips.
 """
@@ -35,7 +36,7 @@ from .errors import FoldernetError
 
 MUSICNN_MODELS = {"musicnn_mtt": "MTT_musicnn", "musicnn_msd": "MSD_musicnn"}
 N_MELS, N_FRAMES = 96, 187         # musicnn's input patch: 96 mel bands x 187 frames (3 s)
-IMAGE_SIZE = 192                   # rendered at about twice the mel resolution, squeezed back exactly
+IMAGE_SIZE = 192                   # twice the mel resolution; squeezed back to 96 x 187 (bilinear)
 TOP_DB = 80.0
 PEAK_POWER = 10.0                  # mel power given to a clip's loudest bin (musicnn saw absolute levels)
 AUDIO_SETTINGS = {"sample_rate": 16000, "n_fft": 512, "hop_length": 256, "n_mels": N_MELS, "fmin": 0.0,
@@ -243,6 +244,7 @@ def musicnn_state(tf: dict[str, np.ndarray]) -> dict:
 
 
 def data_config() -> dict:
+    """The image is the spectrogram in 0..1 (no ImageNet normalisation); ``audio`` is how to render it."""
     return {"input_size": (3, IMAGE_SIZE, IMAGE_SIZE), "interpolation": "bilinear", "crop_pct": 1.0,
             "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "audio": dict(AUDIO_SETTINGS)}
 
