@@ -126,3 +126,41 @@ def test_demo_command_runs_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model bundle:" in proc.stdout and "accuracy" in proc.stdout
     assert (tmp_path / "demo" / "run" / "model" / "model.safetensors").exists()
+
+
+def test_cli_refit_retrains_the_head_on_train_and_val(trained_run, digits_dir, tmp_path):
+    """--refit: the epochs early stopping chose, then train + val; val stays scored by the held-out head."""
+    proc = _cli("train", digits_dir, "--out", tmp_path / "refit", "--refit")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refit: head retrained on train + val" in " ".join(proc.stderr.split())
+    cfg = json.loads((tmp_path / "refit" / "model" / "config.json").read_text())
+    metrics = json.loads((tmp_path / "refit" / "model" / "metrics.json").read_text())
+    rows = list(csv.DictReader(open(tmp_path / "refit" / "model" / "splits.csv", encoding="utf-8")))
+    fit = [r["path"] for r in rows if r["split"] in ("train", "val")]
+    losses = [h["val_loss"] for h in metrics["history"]]
+    assert cfg["refit"]["epochs"] == int(np.argmin(losses)) + 1 == len(metrics["refit"]["history"])
+    assert cfg["refit"]["rows"] == len(fit)
+    # same seed and split as the plain run: the held-out head, its temperature and its val figures are the same
+    assert cfg["temperature"] == pytest.approx(trained_run.config["temperature"], rel=1e-6)
+    plain_val = trained_run.metrics["splits"]["val"]
+    assert metrics["splits"]["val"]["accuracy"] == plain_val["accuracy"]
+    assert metrics["splits"]["val"]["confusion_matrix"] == plain_val["confusion_matrix"]
+    # test is scored by the refitted head: the saved bundle reproduces it, and it is not the plain head
+    test_rows = [r for r in rows if r["split"] == "test"]
+    model = foldernet.load(tmp_path / "refit")
+    probs, ok, _ = model.predict_proba([digits_dir / r["path"] for r in test_rows])
+    y = np.array([model.labels.index(r["label"]) for r in test_rows])
+    assert ok.all() and float(np.mean(probs.argmax(1) == y)) == pytest.approx(metrics["splits"]["test"]["accuracy"])
+    assert metrics["splits"]["test"]["accuracy"] > 0.6
+    plain = foldernet.load(trained_run.run_dir)
+    assert not np.allclose(plain.predict_proba([digits_dir / r["path"] for r in test_rows])[0], probs, atol=1e-3)
+    # the similar-examples index holds every example the final head learned from
+    index = json.loads((tmp_path / "refit" / "model" / "index.json").read_text())
+    assert sorted(index["paths"]) == sorted(fit)
+    assert "refit" in (tmp_path / "refit" / "report.html").read_text(encoding="utf-8")
+
+
+def test_refit_without_a_validation_split_is_ignored(digits_dir, tmp_path):
+    result = foldernet.train(digits_dir, out=tmp_path / "noval", val=0.0, refit=True, progress=False)
+    assert result.config["refit"] is None and "refit" not in result.metrics
+    assert result.metrics["splits"]["test"]["accuracy"] > 0.6

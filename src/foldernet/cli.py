@@ -84,6 +84,9 @@ def train(
     spectrogram_stats: bool = typer.Option(False, help="audio, head mode: append spectrogram "
                                            "statistics per time segment (band levels, MFCCs, envelope); for clips of "
                                            "one sound event each, such as instrument notes"),
+    refit: bool = typer.Option(False, "--refit", help="head mode: once early stopping has chosen the epochs on "
+                               "val, train the head again on train + val (the final model learns from more "
+                               "examples; val figures stay those of the head that never saw val)"),
     force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
 ) -> None:
     """Train a classifier and write a model bundle to OUT/model."""
@@ -96,7 +99,7 @@ def train(
                     use_cache=not no_cache, label_regex=label_regex,
                     group_by=group_by or (f"regex:{group_regex}" if group_regex else None),
                     allow_leakage=allow_leakage, keep_placeholders=keep_placeholders, label_map_file=label_map,
-                    spectrogram_stats=spectrogram_stats,
+                    spectrogram_stats=spectrogram_stats, refit=refit,
                     audio={"window_seconds": window, "sample_rate": sample_rate, "n_mels": n_mels})
     _print_train_result(result)
 

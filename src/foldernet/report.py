@@ -127,6 +127,10 @@ def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = N
          + (" (from the folder layout)" if cfg["data"].get("predefined_split") else "")],
         ["backbone", f"{e(cfg['backbone'])} ({e(cfg['weights_source'])}), mode {e(cfg['mode'])}, engine {e(cfg.get('engine', ''))}"],
         *([["sound", _audio_settings(cfg)]] if cfg.get("audio") else []),
+        *([["refit", f"head retrained on train + val ({cfg['refit']['rows']} examples) for the "
+                     f"{cfg['refit']['epochs']} epochs early stopping chose on val; the val figures are those "
+                     f"of the head trained on train alone, the test figures those of the refitted head"]]
+          if cfg.get("refit") else []),
         ["time", ", ".join(f"{k} {v:.1f}s" for k, v in t.items())],
         ["created", e(cfg.get("created", ""))]]) + "</section>")
 

@@ -21,7 +21,8 @@ INDEX_FILE = "index.safetensors"
 INDEX_META = "index.json"
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (cosine similarity is then a dot product)."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -29,13 +30,13 @@ def save_index(model_dir: str | os.PathLike, vectors: np.ndarray, paths: list[st
     from safetensors.numpy import save
 
     model_dir = Path(model_dir)
-    atomic_write_bytes(model_dir / INDEX_FILE, save({"embeddings": _unit(vectors).astype(np.float16)}))
+    atomic_write_bytes(model_dir / INDEX_FILE, save({"embeddings": unit_rows(vectors).astype(np.float16)}))
     atomic_write_json(model_dir / INDEX_META, {"paths": paths, "labels": labels})
 
 
 def knn_similarity(unit_index: np.ndarray, vectors: np.ndarray, k: int = 5, block: int = 1024) -> np.ndarray:
     """Mean of the top-``k`` cosine similarities of each vector against unit-length ``unit_index`` rows."""
-    q = _unit(np.atleast_2d(vectors).astype(np.float32))
+    q = unit_rows(np.atleast_2d(vectors).astype(np.float32))
     k = max(1, min(k, len(unit_index)))
     out = np.empty(len(q), np.float32)
     for i in range(0, len(q), block):
@@ -70,7 +71,7 @@ class SimilarIndex:
         return knn_similarity(self.embeddings, vectors, k)
 
     def search(self, vectors: np.ndarray, k: int = 5) -> list[list[Neighbour]]:
-        sims = _unit(np.atleast_2d(vectors).astype(np.float32)) @ self.embeddings.T
+        sims = unit_rows(np.atleast_2d(vectors).astype(np.float32)) @ self.embeddings.T
         k = min(k, sims.shape[1])
         top = np.argsort(-sims, axis=1)[:, :k]
         return [[Neighbour(self.paths[j], self.labels[j], float(s[j]), int(j)) for j in row]
