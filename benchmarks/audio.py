@@ -14,10 +14,11 @@ Prints a table and JSON lines with accuracy, macro-F1 and wall time; skips a par
 tools are missing.
 
 Each part runs the recipe that measured best here (RECIPES; speech: the scratch CNN on 64 px
-spectrograms with frequency/time warping, 20 epochs; instrument notes: ImageNet features and
-musicnn's audio-pretrained features (lite0's ImageNet features when musicnn's weights are not
-installed) and spectrogram statistics + head, --no-spectrogram-stats for the embedding alone);
---backbone/--mode/--epochs/--img-size override it.
+spectrograms with frequency/time warping, 20 epochs; instrument notes: musicnn's audio-pretrained
+features (lite0's ImageNet features when musicnn's weights are not installed) with spectrogram
+statistics and a head, refitted on train + val once early stopping has chosen its epochs;
+--no-spectrogram-stats for the embedding alone, --no-refit for the head of the training folds
+alone); --backbone/--mode/--epochs/--img-size override it.
 
 By default each part is cross-validated over its groups (speakers, programs): they are dealt into
 N folds (`foldernet split --folds`, 6 for the digits = leave one speaker out, 5 for the notes) and
@@ -27,6 +28,7 @@ training run (the digits: ~40 min in all); --folds 0 runs one grouped split inst
 
     python benchmarks/audio.py [--parts nsynth,digits] [--backbone NAME|scratch] [--mode head|finetune]
                                [--epochs N] [--img-size N] [--folds N] [--window S] [--no-spectrogram-stats]
+                               [--no-refit]
 """
 
 from __future__ import annotations

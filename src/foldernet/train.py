@@ -363,6 +363,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", backbo
                                                      class_weights=cw_all, seed=seed, max_epochs=epochs_chosen,
                                                      lr=lr, progress=progress)
             heads["test"] = (weight, bias)
+            # "similar" and the distance rule now search train + val; the similarity threshold was chosen
+            # on val against train alone, so held-out clips look a little more familiar than it assumed
             train_unit = unit_rows(feats.vectors[fit_rows])
             refit_info = {"epochs": epochs_chosen, "rows": int(fit_rows.sum()),
                           "note": "after early stopping chose the epochs on val, the head was retrained on "
