@@ -78,7 +78,8 @@ def main() -> int:
     from fastapi.testclient import TestClient
 
     from foldernet.audio import AudioConfig
-    from foldernet.preprocess import Preprocess, decode_windows
+    from foldernet.modality import decode_windows
+    from foldernet.preprocess import Preprocess
     from foldernet.serve import create_app
 
     rng = np.random.default_rng(1)

@@ -12,7 +12,8 @@ from PIL import Image
 
 import foldernet
 from foldernet.errors import FoldernetError
-from foldernet.models import create_backbone, spectrogram_stats_dim
+from foldernet.models import create_backbone
+from foldernet.spectrogram_stats import spectrogram_stats_dim
 from foldernet.audio import (AudioConfig, config_for, log_mel, mel_filterbank, read_audio, resample,
                              warp_spectrogram, windows)
 
@@ -137,8 +138,8 @@ def test_spectrogram_stats_follow_the_time_course(tmp_path):
     envelope falls for one and rises for the other, and the spectral part sees the same pitch."""
     import torch
 
-    from foldernet.models import STATS_ENVELOPE, add_spectrogram_stats
-    from foldernet.preprocess import for_dataset, source_pixels
+    from foldernet.spectrogram_stats import STATS_ENVELOPE, add_spectrogram_stats
+    from foldernet.modality import for_dataset, source_pixels
 
     sr = 16000
     t = np.arange(2 * sr) / sr
@@ -327,7 +328,7 @@ def test_finetune_validation_sees_every_window_as_predict_does(tmp_path):
     import torch
 
     from foldernet.finetune import FolderDataset
-    from foldernet.preprocess import for_dataset, source_pixels
+    from foldernet.modality import for_dataset, source_pixels
 
     rng = np.random.default_rng(5)
     note = np.concatenate([_tone("low", rng, 16000, 0.5), 0.02 * _tone("high", rng, 16000, 2.5)])

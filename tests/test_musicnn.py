@@ -12,7 +12,7 @@ import foldernet
 from foldernet.errors import FoldernetError
 from foldernet.models import create_backbone
 from foldernet.musicnn import checkpoint_prefix, create_musicnn_model, read_tf_checkpoint
-from foldernet.preprocess import for_dataset
+from foldernet.modality import for_dataset
 
 needs_weights = pytest.mark.skipif(importlib.util.find_spec("musicnn") is None,
                                    reason="musicnn's weights are not installed (pip install --no-deps musicnn)")

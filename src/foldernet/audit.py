@@ -36,14 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from .data import IMAGE_EXTENSIONS, Dataset, scan, thumbnail_data_uri
-from .fingerprint import hash_matrix, is_low_information
-from .io import atomic_write_json, atomic_write_text
+from .dedup import (NEAR_DUP_MAX_BITS, NEAR_DUP_MIN_COSINE, NEAR_DUP_STRONG_BITS,  # noqa: F401
+                    NEAR_DUP_STRONG_MIN_COSINE, clusters, near_duplicate_pairs)
+from .fingerprint import is_low_information
+from .head import imbalance_ratio
+from .io import atomic_write_json, atomic_write_text, staged_dir
 from .progress import console
 
-NEAR_DUP_MAX_BITS = 32        # of 256
-NEAR_DUP_MIN_COSINE = 0.75
-NEAR_DUP_STRONG_BITS = 12
-NEAR_DUP_STRONG_MIN_COSINE = 0.5
 CONFIDENT_OTHER_MAX_GIVEN = 0.2      # label issue: out-of-fold p(given label) at most this...
 CONFIDENT_OTHER_MIN_SUGGESTED = 0.8  # ...while another class gets at least this
 TINY_MIN_SIDE = 32
@@ -51,61 +50,6 @@ MAX_ASPECT = 5.0
 EXTENSION_FORMATS = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".png": {"PNG"}, ".gif": {"GIF"},
                      ".bmp": {"BMP", "DIB"}, ".webp": {"WEBP"}, ".tif": {"TIFF"}, ".tiff": {"TIFF"}}
 FIXABLE = ("unreadable", "wrong_type", "tiny", "low_information", "exact_duplicate", "leakage", "too_short")
-
-
-def _popcount_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hamming distances between every row of a (n, 4) and b (m, 4) uint64 hash matrices -> (n, m)."""
-    return np.bitwise_count(a[:, None, :] ^ b[None, :, :]).sum(axis=2, dtype=np.int32)
-
-
-def near_duplicate_pairs(vectors: np.ndarray, fps: list[dict | None], rows: np.ndarray | None = None,
-                         cols: np.ndarray | None = None, max_bits: int = NEAR_DUP_MAX_BITS,
-                         min_cosine: float = NEAR_DUP_MIN_COSINE, block: int = 512) -> list[tuple[int, int, int, float]]:
-    """(i, j, hash_bits, cosine) for near-duplicate pairs among ``rows`` x ``cols`` (indices; all by default).
-
-    Embedding similarity prunes first (one matrix product per block), the perceptual hash confirms.
-    """
-    n = len(fps)
-    rows = np.arange(n) if rows is None else np.asarray(rows)
-    cols = np.arange(n) if cols is None else np.asarray(cols)
-    same = rows is cols or (len(rows) == len(cols) and np.array_equal(rows, cols))
-    valid = np.array([fp is not None for fp in fps])
-    rows, cols = rows[valid[rows]], cols[valid[cols]]
-    if len(rows) == 0 or len(cols) == 0:
-        return []
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    unit = vectors / np.maximum(norms, 1e-12)
-    h, hm = hash_matrix(fps, "phash"), hash_matrix(fps, "phash_mirror")
-    pairs = []
-    cu = unit[cols]
-    for start in range(0, len(rows), block):
-        r = rows[start:start + block]
-        sims = unit[r] @ cu.T
-        if same:
-            # each unordered pair once: keep j > i
-            sims[np.asarray(r)[:, None] >= cols[None, :]] = -1
-        ri, ci = np.nonzero(sims >= min(min_cosine, NEAR_DUP_STRONG_MIN_COSINE))
-        if len(ri) == 0:
-            continue
-        a, b = r[ri], cols[ci]
-        bits = np.minimum(np.bitwise_count(h[a] ^ h[b]).sum(1), np.bitwise_count(h[a] ^ hm[b]).sum(1))
-        cos = sims[ri, ci]
-        keep = ((bits <= max_bits) & (cos >= min_cosine)) | (bits <= NEAR_DUP_STRONG_BITS)
-        pairs.extend(zip(a[keep].tolist(), b[keep].tolist(), bits[keep].tolist(), sims[ri, ci][keep].tolist()))
-    return pairs
-
-
-def clusters(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
-    """Connected components of the duplicate graph: a cluster id per item."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    if not pairs:
-        return np.arange(n)
-    a = np.array([p[0] for p in pairs])
-    b = np.array([p[1] for p in pairs])
-    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
 
 
 def out_of_fold_probs(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0, folds: int = 5) -> np.ndarray | None:
@@ -161,30 +105,27 @@ def _file_format(path: Path) -> str | None:
         return None
 
 
-def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, backbone: str | None = None,
-          weights: str | os.PathLike | None = None, splits: str | os.PathLike | None = None, val: float = 0.15,
-          test: float = 0.15, seed: int = 0, find_label_errors: bool = True, progress: bool = True,
-          force: bool = False, label_regex: str | None = None, group_regex: str | None = None) -> dict:
-    """Audit a class-folder dataset; write ``audit.json`` and ``audit.html`` to ``out`` when given."""
+def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, **options) -> dict:
+    """Audit a class-folder dataset; write ``audit.json`` and ``audit.html`` to ``out`` when given.
+    Options: those of ``foldernet audit`` (``params.AUDIT``), checked before any work."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .features import FeatureExtractor
-    from .models import DEFAULT_BACKBONE, create_backbone, state_digest
-    from .preprocess import for_dataset
+    from .encoder import Encoder
+    from .io import check_data_dir, check_new_output
+    from .params import check
     from .split import resolve_splits
 
+    o = check("audit", options)
+    data = check_data_dir(data)
     t0 = time.perf_counter()
     if out is not None:
-        from .io import check_new_output
-
-        check_new_output(out, force)
-    ds = scan(data, label_regex=label_regex, group_regex=group_regex)
-    resolve_splits(ds, splits, val, test, seed)
+        check_new_output(out, o["force"], "audit", [data])
+    ds = scan(data, label_regex=o["label_regex"], group_regex=o["group_regex"])
+    resolve_splits(ds, o["splits"], o["val"], o["test"], o["seed"])
     items = ds.items
-    bb = create_backbone(backbone or DEFAULT_BACKBONE, weights=weights)
-    pre, audio_cfg = for_dataset(bb.data_config, ds.kind, paths=[it.path for it in ds.items])
-    extractor = FeatureExtractor(bb.model, pre, state_digest(bb.model), bb.name, audio=audio_cfg)
-    feats = extractor([it.path for it in items], desc="audit: features", progress=progress)
+    encoder = Encoder.build(o["backbone"], ds.kind, weights=o["weights"], paths=[it.path for it in items])
+    bb, audio_cfg, seed, find_label_errors = encoder.backbone, encoder.audio, o["seed"], o["find_label_errors"]
+    feats = encoder.extractor()([it.path for it in items], desc="audit: features", progress=o["progress"])
     fps = [fp if feats.ok[i] else None for i, fp in enumerate(feats.fingerprints)]
 
     findings: dict[str, list[dict]] = defaultdict(list)
@@ -258,8 +199,7 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, backbon
                                         "duplicate_of": items[a].relpath, "duplicate_split": items[a].split})
 
     counts = ds.counts()
-    nonzero = [v for v in counts.values() if v]
-    imbalance = max(nonzero) / min(nonzero) if nonzero else 1.0
+    imbalance = imbalance_ratio(counts)
 
     if find_label_errors and len(ds.classes) > 1:
         ok_idx = np.flatnonzero(feats.ok)
@@ -282,10 +222,9 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, backbon
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "audit.json", report)
-        atomic_write_text(out / "audit.html", render_html(report, ds))
+        with staged_dir(out, force=o["force"], kind="audit", inputs=[data]) as tmp:
+            atomic_write_json(tmp / "audit.json", report)
+            atomic_write_text(tmp / "audit.html", render_html(report, ds))
     return report
 
 

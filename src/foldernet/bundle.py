@@ -10,9 +10,8 @@ RUN/model/
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -21,14 +20,130 @@ import numpy as np
 from . import __version__
 from .errors import FoldernetError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from .preprocess import Preprocess, mean_per_input, softmax
+from .preprocess import Preprocess, mean_per_input
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: the training spec is recorded; 1 (foldernet 0.1 before it) still loads
+MARKER_KINDS = ("run", "audit", "export", "compare", "demo")
 
 
-def save_bundle(model_dir: str | os.PathLike, backbone_model, head_weight: np.ndarray, head_bias: np.ndarray,
-                config: dict, metrics: dict | None = None) -> Path:
-    """Write a bundle folder (each file atomically). ``config`` must hold backbone, labels, preprocess."""
+def damaged(model_dir: Path | str, what: str) -> FoldernetError:
+    return FoldernetError(f"the bundle at {model_dir} is damaged: {what}; retrain or restore it")
+
+
+@dataclass
+class BundleConfig:
+    """``config.json``: everything a later stage needs to rebuild and trust the model. This class is
+    its only reader and writer; ``read`` checks every field it relies on."""
+
+    backbone: str
+    labels: list[str]
+    num_features: int
+    preprocess: Preprocess
+    weights_source: str = ""
+    mode: str = "head"
+    kind: str = "image"
+    audio: object = None                  # audio.AudioConfig of a model of sounds
+    spectrogram_stats: bool = False
+    refit: dict | None = None
+    temperature: float = 1.0
+    threshold: float | None = None
+    similarity_threshold: float | None = None
+    threshold_rule: str = ""
+    label_map: dict | None = None
+    seed: int = 0
+    group_by: str | None = None
+    leakage: dict = field(default_factory=dict)
+    balance: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    engine: str = "onnx"
+    metrics: dict = field(default_factory=dict)
+    spec: dict | None = None
+    created: str = ""
+    platform: str = ""
+    format: int = BUNDLE_FORMAT
+    foldernet_version: str = __version__
+
+    def to_dict(self) -> dict:
+        out = {"format": BUNDLE_FORMAT, "foldernet_version": __version__}
+        for f in fields(self):
+            if f.name in out:
+                continue
+            value = getattr(self, f.name)
+            if f.name == "preprocess":
+                value = value.to_dict()
+            elif f.name == "audio":
+                value = value.to_dict() if value is not None else None
+            out[f.name] = value
+        return out
+
+    def write(self, model_dir: str | os.PathLike) -> None:
+        atomic_write_json(Path(model_dir) / "config.json", self.to_dict())
+        atomic_write_text(Path(model_dir) / "labels.txt", "\n".join(self.labels) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: Path | str = "config.json") -> "BundleConfig":
+        """Checked: a field that is missing, of the wrong type or out of range names itself."""
+        if not isinstance(d, dict):
+            raise damaged(where, "config.json does not hold an object")
+        fmt = d.get("format", 1)
+        if not isinstance(fmt, int) or fmt < 1:
+            raise damaged(where, f"config.json has format {fmt!r}")
+        if fmt > BUNDLE_FORMAT:
+            raise FoldernetError(f"{where} was written by a newer foldernet ({d.get('foldernet_version')}, bundle "
+                                 f"format {fmt}); upgrade foldernet to load it")
+        for key in ("backbone", "labels", "num_features", "preprocess"):
+            if key not in d:
+                raise damaged(where, f"config.json has no '{key}'")
+        labels = d["labels"]
+        if (not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels)
+                or len(set(labels)) != len(labels)):
+            raise damaged(where, "config.json 'labels' must be a list of at least 2 distinct names")
+        if not isinstance(d["num_features"], int) or d["num_features"] < 1:
+            raise damaged(where, f"config.json 'num_features' is {d['num_features']!r}")
+        try:
+            pre = Preprocess.from_dict(d["preprocess"])
+            if pre.size < 1 or not all(x > 0 for x in pre.std):
+                raise ValueError("size or std out of range")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise damaged(where, f"config.json 'preprocess' is not valid ({exc})") from None
+        audio = None
+        if d.get("audio"):
+            from .audio import AudioConfig
+
+            try:
+                audio = AudioConfig.from_dict(d["audio"])
+            except (TypeError, ValueError) as exc:
+                raise damaged(where, f"config.json 'audio' is not valid ({exc})") from None
+        temperature = d.get("temperature", 1.0)
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise damaged(where, f"config.json 'temperature' is {temperature!r}")
+        for key in ("threshold", "similarity_threshold"):
+            if d.get(key) is not None and not isinstance(d[key], (int, float)):
+                raise damaged(where, f"config.json '{key}' is {d[key]!r}")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        values.update(labels=list(labels), preprocess=pre, audio=audio, temperature=float(temperature),
+                      format=fmt, foldernet_version=str(d.get("foldernet_version", "")))
+        for key in ("leakage", "balance", "data", "training", "metrics"):
+            if not isinstance(values.get(key, {}), dict):
+                values[key] = {}
+        return cls(**values)
+
+    @classmethod
+    def read(cls, model_dir: str | os.PathLike) -> "BundleConfig":
+        model_dir = Path(model_dir)
+        try:
+            d = read_json(model_dir / "config.json")
+        except FoldernetError as exc:
+            raise damaged(model_dir, f"config.json cannot be read ({exc})") from None
+        return cls.from_dict(d, model_dir)
+
+
+def save_bundle(model_dir: str | os.PathLike, backbone_model, head, config: BundleConfig,
+                metrics: dict | None = None) -> Path:
+    """Write a bundle folder (each file atomically): weights of backbone and ``head`` (a LinearHead),
+    config, labels, metrics."""
     from safetensors.torch import save
 
     import torch
@@ -36,15 +151,25 @@ def save_bundle(model_dir: str | os.PathLike, backbone_model, head_weight: np.nd
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"backbone.{k}": v.detach().cpu().contiguous() for k, v in backbone_model.state_dict().items()}
-    tensors["head.weight"] = torch.from_numpy(np.ascontiguousarray(head_weight, np.float32))
-    tensors["head.bias"] = torch.from_numpy(np.ascontiguousarray(head_bias, np.float32))
+    tensors["head.weight"] = torch.from_numpy(np.ascontiguousarray(head.weight, np.float32))
+    tensors["head.bias"] = torch.from_numpy(np.ascontiguousarray(head.bias, np.float32))
     atomic_write_bytes(model_dir / "model.safetensors", save(tensors, metadata={"format": "foldernet"}))
-    config = {"format": BUNDLE_FORMAT, "foldernet_version": __version__, **config}
-    atomic_write_json(model_dir / "config.json", config)
-    atomic_write_text(model_dir / "labels.txt", "\n".join(config["labels"]) + "\n")
+    config.write(model_dir)
     if metrics is not None:
         atomic_write_json(model_dir / "metrics.json", metrics)
     return model_dir
+
+
+def load_tensors(model_dir: Path) -> dict:
+    """model.safetensors, with a damaged file named as such."""
+    from safetensors.torch import load_file
+
+    path = model_dir / "model.safetensors"
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupted: safetensors raises several types
+        raise damaged(model_dir, f"model.safetensors cannot be read ({type(exc).__name__}: {str(exc)[:120]})") \
+            from None
 
 
 def find_model_dir(path: str | os.PathLike) -> Path:
@@ -195,56 +320,58 @@ class Classifier(Predictor):
     """A loaded bundle: ``predict`` files, folders or bytes; ``predict_proba`` for arrays."""
 
     def __init__(self, model_dir: Path, engine: str = "onnx", use_cache: bool = True):
-        from safetensors.torch import load_file
-
-        from .models import add_spectrogram_stats, create_backbone, state_digest
+        from .encoder import Encoder
+        from .head import LinearHead
+        from .models import create_backbone
 
         self.model_dir = model_dir
-        self.config = read_json(model_dir / "config.json")
-        if self.config.get("format", 0) > BUNDLE_FORMAT:
-            raise FoldernetError(f"{model_dir} was written by a newer foldernet "
-                                 f"({self.config.get('foldernet_version')}); upgrade foldernet to load it")
-        self.labels: list[str] = list(self.config["labels"])
-        self.preprocess = Preprocess.from_dict(self.config["preprocess"])
-        tensors = load_file(str(model_dir / "model.safetensors"))
-        backbone = create_backbone(self.config["backbone"], pretrained=False)
-        if self.config.get("spectrogram_stats"):
-            backbone = add_spectrogram_stats(backbone, self.preprocess.size)
+        self.config = cfg = BundleConfig.read(model_dir)
+        self.labels: list[str] = list(cfg.labels)
+        self.preprocess = cfg.preprocess
+        tensors = load_tensors(model_dir)
+        weight, bias = tensors.get("head.weight"), tensors.get("head.bias")
+        if weight is None or bias is None:
+            raise damaged(model_dir, "model.safetensors has no head weights")
+        if tuple(weight.shape) != (len(self.labels), cfg.num_features) or tuple(bias.shape) != (len(self.labels),):
+            raise damaged(model_dir, f"the head has shape {tuple(weight.shape)} but config.json lists "
+                                     f"{len(self.labels)} labels and {cfg.num_features} features")
+        encoder = Encoder(create_backbone(cfg.backbone, pretrained=False), cfg.preprocess, cfg.audio)
+        if cfg.spectrogram_stats:
+            encoder = encoder.with_spectrogram_stats()
         state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
         try:
-            backbone.model.load_state_dict(state, strict=True)
+            encoder.model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise FoldernetError(f"{model_dir}/model.safetensors does not fit backbone "
-                                 f"{self.config['backbone']}: {str(exc)[:300]}") from exc
-        self.backbone = backbone.model.eval()
-        self.head_weight = tensors["head.weight"].numpy()
-        self.head_bias = tensors["head.bias"].numpy()
-        self.temperature = float(self.config.get("temperature", 1.0))
-        self.audio = None
-        if self.config.get("audio"):
-            from .audio import AudioConfig
-
-            self.audio = AudioConfig.from_dict(self.config["audio"])
-        self.threshold = self.config.get("threshold")
-        self.similarity_threshold = self.config.get("similarity_threshold")
+            raise damaged(model_dir, f"model.safetensors does not fit backbone {cfg.backbone} "
+                                     f"({str(exc)[:300]})") from None
+        self.encoder = encoder
+        self.backbone = encoder.model.eval()
+        self.head = LinearHead(weight.numpy(), bias.numpy(), cfg.temperature)
+        self.temperature = cfg.temperature
+        self.audio = cfg.audio
+        self.threshold = cfg.threshold
+        self.similarity_threshold = cfg.similarity_threshold
         self.index_dir = model_dir
         self._engine_pref = engine
         self._use_cache = use_cache
         self._extractor = None
-        self._digest = state_digest(self.backbone)
+
+    @property
+    def head_weight(self) -> np.ndarray:
+        return self.head.weight
+
+    @property
+    def head_bias(self) -> np.ndarray:
+        return self.head.bias
 
     @property
     def extractor(self):
         if self._extractor is None:
-            from .features import FeatureExtractor
-
-            self._extractor = FeatureExtractor(self.backbone, self.preprocess, self._digest, self.config["backbone"],
-                                               engine=self._engine_pref, use_cache=self._use_cache,
-                                               audio=self.audio)
+            self._extractor = self.encoder.extractor(self._engine_pref, self._use_cache)
         return self._extractor
 
     def proba_from_features(self, feats: np.ndarray) -> np.ndarray:
-        return softmax((feats @ self.head_weight.T + self.head_bias) / self.temperature)
+        return self.head.proba(feats)
 
     def forward(self, pixel_list: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Per input (k windows each): probabilities and the mean embedding."""
@@ -287,4 +414,4 @@ def load(path: str | os.PathLike, engine: str = "onnx", use_cache: bool = True) 
 
 
 def bundle_summary(path: str | os.PathLike) -> dict:
-    return json.loads((find_model_dir(path) / "config.json").read_text(encoding="utf-8"))
+    return BundleConfig.read(find_model_dir(path)).to_dict()

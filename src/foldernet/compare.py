@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import FoldernetError
-from .io import atomic_write_bytes, atomic_write_csv, atomic_write_text, check_new_output
+from .io import atomic_write_bytes, atomic_write_csv, atomic_write_text, check_new_output, write_marker
 from .progress import console
 
 
@@ -36,8 +36,14 @@ def compare(data: str | os.PathLike, out: str | os.PathLike, backbones: list[str
     from .split import resolve_splits, write_splits_csv
     from .train import train
 
-    out = check_new_output(out, force)
+    from .io import check_data_dir
+    from .spec import TrainSpec
+
+    data = check_data_dir(data)
+    TrainSpec.from_options(**train_kwargs)  # every option checked before the first model trains
+    out = check_new_output(out, force, "compare", [data])
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "compare")
     ds = resolve_splits(scan(data), train_kwargs.pop("splits", None), seed=train_kwargs.get("seed", 0))
     splits = out / "splits.csv"
     write_splits_csv(ds.items, splits)  # one split for every contender

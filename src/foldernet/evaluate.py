@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import (K_NEIGHBOURS, NOT_SURE_QUANTILE, choose_threshold, choose_thresholds,  # noqa: F401
+                          expected_calibration_error, not_sure_mask, reliability_bins)
 from .errors import FoldernetError
 
 
@@ -133,19 +135,10 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     index = {c: i for i, c in enumerate(model.labels)}
     probs, feats, ok, errors = model.predict_batch([it.path for it in ds.items], progress=progress)
     y = np.array([index[it.label] for it in ds.items])
-    metrics = compute_metrics(probs[ok], y[ok], model.labels)
-    if ok.any():
-        p, yy = probs[ok], y[ok]
-        metrics["ece"] = expected_calibration_error(p.max(1), p.argmax(1) == yy)
-        if model.threshold is not None:
-            sure = ~model.not_sure(p, feats[ok] if feats is not None else None)
-            metrics["not_sure_rate"] = float(1 - sure.mean())
-            metrics["accuracy_when_sure"] = float((p.argmax(1) == yy)[sure].mean()) if sure.any() else float("nan")
-        label_map = model.config.get("label_map")
-        if label_map:
-            cp, coarse = coarse_probs(p, model.labels, label_map)
-            metrics["coarse"] = compute_metrics(cp, np.array([coarse.index(label_map[model.labels[v]]) for v in yy]),
-                                                coarse)
+    unsure = None
+    if model.threshold is not None and ok.any():
+        unsure = model.not_sure(probs[ok], feats[ok] if feats is not None else None)
+    metrics = score_split(probs[ok], y[ok], model.labels, not_sure=unsure, label_map=model.config.label_map)
     metrics["skipped"] = [(ds.items[i].relpath, r) for i, r in errors.items()] + list(ds.skipped)
     if out is not None:
         out = Path(out)
@@ -154,63 +147,28 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     return metrics
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
-    """ECE: the bin-size-weighted gap between confidence and accuracy over equal-width bins."""
-    if len(confidence) == 0:
-        return float("nan")
-    edges = np.linspace(0, 1, bins + 1)
-    idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            ece += m.mean() * abs(float(correct[m].mean()) - float(confidence[m].mean()))
-    return float(ece)
-
-
-def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict]:
-    edges = np.linspace(0, 1, bins + 1)
-    idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    return [{"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int((idx == b).sum()),
-             "accuracy": float(correct[idx == b].mean()) if (idx == b).any() else None,
-             "confidence": float(confidence[idx == b].mean()) if (idx == b).any() else None} for b in range(bins)]
-
-
-# Open set. An answer is "not sure" when its calibrated top-1 confidence is low OR when the image is
-# far from every training image (mean cosine similarity to its K_NEIGHBOURS nearest training
-# embeddings). Each threshold is the NOT_SURE_QUANTILE / 2 quantile of that score over the correctly
-# classified validation images, so about NOT_SURE_QUANTILE of right answers on known classes turn
-# into "not sure". Measured on clothing with two classes held out: confidence alone flags 14 % of
-# unseen-class images, the embedding distance 52 %, both together 57 %, at ~2.2 % of right answers.
-NOT_SURE_QUANTILE = 0.025
-K_NEIGHBOURS = 5
-
-
-def choose_thresholds(probs: np.ndarray, y: np.ndarray, similarity: np.ndarray | None = None,
-                      quantile: float = NOT_SURE_QUANTILE) -> tuple[float | None, float | None]:
-    """(confidence threshold, similarity threshold) from validation scores."""
+def score_split(probs: np.ndarray, y: np.ndarray, labels: list[str], raw: np.ndarray | None = None,
+                not_sure: np.ndarray | None = None, label_map: dict[str, str] | None = None) -> dict:
+    """Everything measured on one labelled set: metrics, calibration (ECE and reliability, also of the
+    uncalibrated ``raw`` probabilities when given), the "not sure" rate and the accuracy on the rest,
+    and the coarse-label metrics (under "coarse") when there is a label map."""
+    m = compute_metrics(probs, y, labels)
+    if not len(y):
+        return m
     correct = probs.argmax(1) == y
-    if correct.sum() < 5:
-        return None, None
-    q = quantile / 2 if similarity is not None else quantile
-    t_conf = float(np.quantile(probs.max(1)[correct], q))
-    t_sim = float(np.quantile(similarity[correct], q)) if similarity is not None else None
-    return t_conf, t_sim
-
-
-def choose_threshold(probs: np.ndarray, y: np.ndarray, quantile: float = NOT_SURE_QUANTILE) -> float | None:
-    """Confidence-only threshold (when no embedding index is available)."""
-    return choose_thresholds(probs, y, None, quantile)[0]
-
-
-def not_sure_mask(probs: np.ndarray, similarity: np.ndarray | None, threshold: float | None,
-                  similarity_threshold: float | None) -> np.ndarray:
-    mask = np.zeros(len(probs), bool)
-    if threshold is not None:
-        mask |= probs.max(1) < threshold
-    if similarity_threshold is not None and similarity is not None:
-        mask |= similarity < similarity_threshold
-    return mask
+    m["ece"] = expected_calibration_error(probs.max(1), correct)
+    m["reliability"] = reliability_bins(probs.max(1), correct)
+    if raw is not None:
+        m["ece_uncalibrated"] = expected_calibration_error(raw.max(1), raw.argmax(1) == y)
+        m["reliability_uncalibrated"] = reliability_bins(raw.max(1), raw.argmax(1) == y)
+    if not_sure is not None:
+        sure = ~not_sure
+        m["not_sure_rate"] = float(1 - sure.mean())
+        m["accuracy_when_sure"] = float(correct[sure].mean()) if sure.any() else float("nan")
+    if label_map:
+        cp, coarse = coarse_probs(probs, labels, label_map)
+        m["coarse"] = compute_metrics(cp, np.array([coarse.index(label_map[labels[v]]) for v in y]), coarse)
+    return m
 
 
 def read_label_map(path: str | os.PathLike, labels: list[str]) -> dict[str, str]:

@@ -19,41 +19,25 @@ import numpy as np
 from . import __version__
 from .bundle import find_model_dir, load
 from .errors import FoldernetError
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json, marker_kind, write_marker
 from .progress import console
 
 INT8_MIN_AGREEMENT = 0.99
 
 
 def _full_model(clf):
-    import torch
-    from torch import nn
+    """backbone -> linear head -> softmax(logits / T), plus the features for similarity search."""
+    from .head import network
 
-    class FullModel(nn.Module):
-        """backbone -> linear head -> softmax(logits / T); also returns the features for similarity search."""
-
-        def __init__(self):
-            super().__init__()
-            self.backbone = clf.backbone
-            self.head = nn.Linear(clf.head_weight.shape[1], clf.head_weight.shape[0])
-            with torch.no_grad():
-                self.head.weight.copy_(torch.from_numpy(clf.head_weight))
-                self.head.bias.copy_(torch.from_numpy(clf.head_bias))
-            self.register_buffer("inv_temperature", torch.tensor(1.0 / clf.temperature))
-
-        def forward(self, x):
-            f = self.backbone(x)
-            logits = self.head(f)
-            return torch.softmax(logits * self.inv_temperature, dim=-1), f, logits
-
-    return FullModel().eval()
+    return network(clf.backbone, clf.head, clf.head.n_classes, clf.head.dim, with_outputs=True).eval()
 
 
 def held_out_files(model_dir: Path, data: str | os.PathLike | None, split: str = "test",
                    limit: int | None = None) -> list[Path]:
     """Paths of a split of the bundle's data (``data`` overrides the root recorded at training time)."""
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    root = Path(data) if data else Path(cfg["data"]["root"])
+    from .bundle import BundleConfig
+
+    root = Path(data) if data else Path(BundleConfig.read(model_dir).data.get("root", ""))
     with open(model_dir / "splits.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     wanted = [r for r in rows if r["split"] == split] or [r for r in rows if r["split"] == "val"]
@@ -120,7 +104,12 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, int8: b
     target = out / "model.onnx"
     if target.exists() and not force:
         raise FoldernetError(f"{target} already exists; pass --force to replace it")
+    if target.exists() and marker_kind(out) != "export":
+        raise FoldernetError(f"--force refused: {out} has no foldernet export marker, so {target.name} there may not "
+                             "be foldernet's; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if marker_kind(out) is None and not any(out.iterdir()):
+        write_marker(out, "export")
     clf = load(model_dir, engine="torch", use_cache=False)
     files = held_out_files(model_dir, data, limit=parity_limit)
 
@@ -129,8 +118,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, int8: b
     export_onnx(_full_model(clf), clf.preprocess.size, tmp, output_names=["probabilities", "features", "logits"])
     proto = onnx.load(str(tmp))
     meta = {"labels": clf.labels, "preprocess": clf.preprocess.to_dict(), "temperature": clf.temperature,
-            "threshold": clf.config.get("threshold"), "similarity_threshold": clf.config.get("similarity_threshold"),
-            "backbone": clf.config["backbone"], "audio": clf.config.get("audio"),
+            "threshold": clf.config.threshold, "similarity_threshold": clf.config.similarity_threshold,
+            "backbone": clf.config.backbone, "audio": clf.audio.to_dict() if clf.audio is not None else None,
             "foldernet_version": __version__}
     del proto.metadata_props[:]
     proto.metadata_props.add(key="foldernet", value=json.dumps(meta, ensure_ascii=False))

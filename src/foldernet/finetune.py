@@ -55,6 +55,9 @@ class FinetuneConfig:
     seed: int = 0
     class_weights: list | None = None
     audio: object = None         # an audio.AudioConfig: spectrogram windows, SpecAugment, clip mixing
+    resume: bool = False         # continue from the checkpoint folder
+    pretrained: bool = True      # False: random weights (no stage 1, BatchNorm trains)
+    progress: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -148,30 +151,6 @@ class FolderDataset:
         return self.transform(img), int(self.labels[i])
 
 
-class Network:
-    """backbone + linear head as one nn.Module, built lazily to keep torch imports local."""
-
-    @staticmethod
-    def build(backbone, head_weight: np.ndarray | None, head_bias: np.ndarray | None, n_classes: int, dim: int):
-        import torch
-        from torch import nn
-
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.backbone = backbone
-                self.head = nn.Linear(dim, n_classes)
-                if head_weight is not None:
-                    with torch.no_grad():
-                        self.head.weight.copy_(torch.from_numpy(head_weight))
-                        self.head.bias.copy_(torch.from_numpy(head_bias))
-
-            def forward(self, x):
-                return self.head(self.backbone(x))
-
-        return Net()
-
-
 def param_groups(net, weight_decay: float):
     """Layer-wise decayed learning rates for timm backbones; one group for anything else."""
     groups = None
@@ -210,11 +189,10 @@ def _dist():
     return 0, 1
 
 
-def finetune(backbone, head_weight, head_bias, train_paths: list[Path], y_train: np.ndarray,
-             val_paths: list[Path], y_val: np.ndarray, pre: Preprocess, n_classes: int, dim: int,
-             cfg: FinetuneConfig, ckpt_dir: Path, resume: bool = False, progress: bool = True,
-             pretrained: bool = True):
-    """Train the whole network; returns (backbone, head_weight, head_bias, history).
+def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], np.ndarray], pre: Preprocess,
+             cfg: FinetuneConfig, ckpt_dir: Path):
+    """Train the whole network ``net`` (backbone + head, ``head.network``) on (paths, labels) pairs;
+    returns (the best network, history).
 
     ``ckpt_dir`` holds ``last.safetensors`` + ``optim.pt`` + ``state.json`` after every epoch and
     ``best.safetensors`` for the best epoch so far.
@@ -226,7 +204,9 @@ def finetune(backbone, head_weight, head_bias, train_paths: list[Path], y_train:
 
     rank, world = _dist()
     torch.manual_seed(cfg.seed)
-    net = Network.build(backbone, head_weight, head_bias, n_classes, dim)
+    (train_paths, y_train), (val_paths, y_val) = train, val
+    n_classes = net.head.out_features
+    resume, progress, pretrained = cfg.resume, cfg.progress, cfg.pretrained
     groups = param_groups(net, cfg.weight_decay)
     opt = torch.optim.AdamW([{"params": g["params"],
                               "lr": cfg.lr * (cfg.head_lr_mult if g.get("is_head") else g["lr_scale"]),
@@ -363,4 +343,4 @@ def finetune(backbone, head_weight, head_bias, train_paths: list[Path], y_train:
     if best.exists():
         net.load_state_dict(load_file(str(best)))
     net.eval()
-    return net.backbone, net.head.weight.detach().numpy().copy(), net.head.bias.detach().numpy().copy(), history
+    return net, history

@@ -75,24 +75,95 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def check_new_output(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse to touch an existing, non-empty output folder unless ``force``."""
+MARKER = ".foldernet.json"  # in every folder foldernet creates as an output: what wrote it, and when
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    import time
+
+    from . import __version__
+
+    atomic_write_json(folder / MARKER, {"kind": kind, "foldernet_version": __version__,
+                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def marker_kind(folder: Path) -> str | None:
+    """The kind of output foldernet wrote into ``folder`` ('run', 'audit', ...), or None when the
+    folder carries no readable marker: then foldernet cannot prove it wrote it."""
+    try:
+        with open(folder / MARKER, encoding="utf-8") as f:
+            kind = json.load(f).get("kind")
+        return kind if isinstance(kind, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_data_dir(data: str | os.PathLike, what: str = "data folder") -> Path:
+    """An existing input folder, resolved."""
+    path = Path(data).expanduser()
+    if not path.is_dir():
+        raise FoldernetError(f"{what} not found: {path}. Expected DATA/<class>/<files>.")
+    return path.resolve()
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    try:
+        path.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_outside_inputs(out: str | os.PathLike, inputs=()) -> Path:
+    """Refuse an output that is, contains or lies inside one of the input folders."""
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    where = out.resolve()
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        if _is_within(where, src) or _is_within(src, where):
+            rel = "is" if where == src else "is inside" if _is_within(where, src) else "contains"
+            raise FoldernetError(f"--out {out} {rel} the input folder {src}; write outputs elsewhere")
+    return out
+
+
+def check_new_output(out: str | os.PathLike, force: bool, kind: str = "run", inputs=()) -> Path:
+    """Where an output folder may go. Refused, whatever ``force`` says: a plain file; ``/``, the
+    home folder or the current folder; a folder that is, contains or lies inside an input. An
+    existing, non-empty folder is replaced only with ``force`` and only when its marker shows that
+    foldernet wrote it as the same kind of output."""
+    out = check_outside_inputs(out, inputs)
+    where = out.resolve()
+    if not out.exists() and not out.is_symlink():
+        return out
+    if out.is_symlink() or not out.is_dir():
+        raise FoldernetError(f"--out {out} exists and is not a folder foldernet made; choose another --out")
+    if not any(out.iterdir()):
+        return out
+    if not force:
         raise FoldernetError(f"{out} already exists. Choose another --out, or pass --force to replace it.")
+    if where in (Path("/"), Path.home().resolve(), Path.cwd().resolve()):
+        raise FoldernetError(f"--force refused: {out} is {'/' if where == Path('/') else 'your home folder' if where == Path.home().resolve() else 'the current folder'}; "
+                             "foldernet never replaces it")
+    found = marker_kind(out)
+    if found != kind:
+        why = (f"it holds a foldernet {found} output, not a {kind}" if found else
+               f"it has no {MARKER} marker, so foldernet cannot tell that it wrote it")
+        raise FoldernetError(f"--force refused: {out} was not written by foldernet as a {kind} folder ({why}). "
+                             "Choose another --out, or remove it yourself if you are sure.")
     return out
 
 
 @contextlib.contextmanager
-def staged_dir(out: str | os.PathLike, force: bool = False, partial: bool = False, resume: bool = False):
+def staged_dir(out: str | os.PathLike, force: bool = False, partial: bool = False, resume: bool = False,
+               kind: str = "run", inputs=(), keep: bool = True):
     """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
 
     A crash leaves ``out`` as it was, never a half-written run. With ``partial`` the folder is
-    ``.OUT.partial`` and survives a crash (it holds checkpoints), so ``resume`` can continue it.
+    ``.OUT.partial`` and survives a crash (it holds checkpoints), so ``resume`` can continue it; its
+    ``checkpoint/`` is dropped from the finished run unless ``keep``. The old ``out`` (checked by
+    ``check_new_output``) is moved aside and removed only once the new one is in place.
     """
-    out = Path(out).expanduser()
-    if not resume:
-        out = check_new_output(out, force)
+    out = check_new_output(out, force, kind, inputs) if not resume else check_outside_inputs(out, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     if partial:
         tmp = out.parent / f".{out.name}.partial"
@@ -100,6 +171,8 @@ def staged_dir(out: str | os.PathLike, force: bool = False, partial: bool = Fals
             if not force:
                 raise FoldernetError(f"an interrupted run of {out} exists in {tmp}. Pass --resume to continue it, "
                                      "or --force to start over.")
+            if marker_kind(tmp) != kind:
+                raise FoldernetError(f"--force refused: {tmp} has no foldernet marker; remove it yourself")
             shutil.rmtree(tmp)
         if resume and not tmp.exists():
             raise FoldernetError(f"nothing to resume: {tmp} does not exist (start the run without --resume)")
@@ -107,19 +180,22 @@ def staged_dir(out: str | os.PathLike, force: bool = False, partial: bool = Fals
     else:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
+    write_marker(tmp, kind)
     try:
         yield tmp
     except BaseException:
         if not partial:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # our own mkdtemp folder
         raise
+    if partial and not keep and (tmp / "checkpoint").is_dir():
+        shutil.rmtree(tmp / "checkpoint")  # written by fine-tuning inside our own staging folder
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # checked by check_new_output: empty, or ours
 
 
 def read_json(path: str | os.PathLike) -> dict:

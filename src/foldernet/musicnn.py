@@ -174,7 +174,7 @@ def create_musicnn_model(n_mels: int = N_MELS, filters: float = 1.6, midend: int
         def fit_standardisation(self, features: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
             """The pooled maps range from about 0 to 100; a linear head on them as they are did 10 points
             worse on unseen instruments than on their z-scores (benchmarks/audio.py)."""
-            from .models import STATS_MIN_STD, fit_standardisation
+            from .spectrogram_stats import STATS_MIN_STD, fit_standardisation
 
             # the floor also keeps the many near-constant maps (std ~1e-6) from magnifying rounding noise
             return fit_standardisation(self, features, fit_rows, slice(0, self.num_features), "features",
@@ -251,19 +251,19 @@ def data_config() -> dict:
 
 def create_musicnn(name: str, weights: str | os.PathLike | None = None, pretrained: bool = True):
     """(model, weights source) for ``musicnn_mtt`` / ``musicnn_msd``."""
-    from .models import _load_strict, load_state_file
+    from .weights import load_state_file, load_strict
 
     model = create_musicnn_model()
     if weights is not None:
         path = Path(weights)
         if path.is_dir() or Path(str(path) + ".index").exists():
             prefix = os.path.join(path, "") if path.is_dir() else str(path)
-            _load_strict(model, musicnn_state(read_tf_checkpoint(prefix)), str(path))
+            load_strict(model, musicnn_state(read_tf_checkpoint(prefix)), str(path))
         else:
-            _load_strict(model, load_state_file(path), str(path))
+            load_strict(model, load_state_file(path), str(path))
         return model, f"file:{path.name}"
     if not pretrained:
         return model, "random"
     prefix = checkpoint_prefix(name)
-    _load_strict(model, musicnn_state(read_tf_checkpoint(prefix)), str(prefix))
+    load_strict(model, musicnn_state(read_tf_checkpoint(prefix)), str(prefix))
     return model, f"pypi:musicnn/{MUSICNN_MODELS[name]}"

@@ -16,7 +16,9 @@ import numpy as np
 
 from .bundle import Predictor
 from .errors import FoldernetError
-from .preprocess import Preprocess, mean_per_input, softmax, source_pixels
+from .calibration import softmax
+from .modality import source_pixels
+from .preprocess import Preprocess, mean_per_input
 
 
 class OnnxClassifier(Predictor):

@@ -4,13 +4,11 @@ predictor and the web server all compute the same pixels byte for byte (no torch
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
-from .errors import FoldernetError
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS,
@@ -85,83 +83,7 @@ class Preprocess:
         return out
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = None, audio: dict | None = None,
-                paths: list | None = None):
-    """(Preprocess, AudioConfig or None) for a backbone and a dataset kind: every stage sets up the
-    same way. Spectrograms are rendered at the input size, so audio crops nothing."""
-    from dataclasses import replace
-
-    pre = Preprocess.from_timm(data_config)
-    if img_size:
-        pre = replace(pre, size=int(img_size))
-    needs = data_config.get("audio") or {}  # a backbone trained on spectrograms fixes how they are made
-    if kind == "image":
-        if needs:
-            raise FoldernetError("this backbone was trained on sound (spectrograms) and cannot read images: "
-                                 "use an image backbone such as tf_efficientnet_lite0")
-        return pre, None
-    from .audio import config_for
-
-    chosen = {k: v for k, v in (audio or {}).items() if v is not None}
-    for key, value in chosen.items():
-        if key in needs and key != "window_seconds" and value != needs[key]:
-            raise FoldernetError(f"this backbone needs audio {key.replace('_', ' ')} {needs[key]} (it was trained "
-                                 f"so), not {value}: drop that setting")
-    cfg = config_for(list(paths or []), {**needs, **chosen})  # checked and completed there
-    return replace(pre, crop_pct=1.0), cfg
-
-
-def read_source(source) -> tuple[bytes, str]:
-    """(bytes, name hint) of a path or raw bytes; the hint is empty for bytes."""
-    if isinstance(source, (bytes, bytearray)):
-        return bytes(source), ""
-    return Path(source).read_bytes(), str(source)
-
-
-def source_pixels(source, pre: "Preprocess", audio_cfg=None) -> np.ndarray:
-    """(k, 3, S, S) pixels of a path or bytes: one row for an image, one per window for audio."""
-    data, hint = read_source(source)
-    return decode_windows(data, pre, audio_cfg, hint)[0]
-
-
 def mean_per_input(rows: np.ndarray, lengths: list[int]) -> np.ndarray:
     """Rows of all inputs' windows stacked -> the mean row of each input (a clip's windows -> one)."""
     bounds = np.cumsum([0] + list(lengths))
     return np.stack([rows[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
-
-
-def decode_windows(data: bytes, pre: Preprocess, audio_cfg=None, hint: str = "") -> tuple[np.ndarray, dict]:
-    """Any input -> ((k, 3, S, S) pixels, fingerprint). Images give k = 1; audio (when the model has
-    an audio config, judged by content) gives one spectrogram image per window."""
-    from .data import open_image
-    from .fingerprint import fingerprint
-
-    if audio_cfg is not None and (hint.lower().endswith(AUDIO_SUFFIXES) or not looks_like_image(data)):
-        from .audio import clip_images
-
-        images, facts = clip_images(data, audio_cfg, size=pre.size)
-        fp = fingerprint(images[0])
-        fp.update(facts)
-        return np.stack([pre(im) for im in images]), fp
-    img = open_image(data, draft_size=pre.resize_size)
-    resized = pre.resize(img)  # the fingerprint works from the resized image: no second pass over the full one
-    return pre(resized, resized=True)[None], fingerprint(resized, original_size=img.size)
-
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aiff", ".aif")
-
-
-def looks_like_image(data: bytes) -> bool:
-    import io
-
-    try:
-        with Image.open(io.BytesIO(data)):
-            return True
-    except Exception:  # noqa: BLE001 - anything Pillow does not recognise
-        return False

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import BundleConfig
 from .data import thumbnail_data_uri
 from .evaluate import most_confused
 from .io import atomic_write_text
@@ -109,7 +110,7 @@ def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = N
     run = Path(run)
     title = title or run.resolve().name
     model_dir = run / "model"
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    cfg = BundleConfig.read(model_dir).to_dict()
     metrics = json.loads((model_dir / "metrics.json").read_text(encoding="utf-8"))
     root = Path(data_root) if data_root else Path(cfg["data"]["root"])
     split = metrics.get("reported_split")

@@ -45,7 +45,7 @@ def sniff_and_decode(data: bytes, limits: Limits, pixels_fn, audio: bool = False
     if not data:
         raise UploadError(400, "the upload is empty")
     if audio:
-        from .preprocess import looks_like_image
+        from .modality import looks_like_image
 
         if not looks_like_image(data):
             try:
@@ -78,7 +78,9 @@ class ServedModel:
     def __init__(self, run: str | os.PathLike):
         self.model_dir = find_model_dir(run)
         onnx_path = self.model_dir.parent / "export" / "model.onnx"
-        self.config = json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
+        from .bundle import BundleConfig
+
+        self.config = BundleConfig.read(self.model_dir)
         if onnx_path.is_file():
             from .onnx_predictor import OnnxClassifier
 
@@ -92,9 +94,9 @@ class ServedModel:
         self.pixels = clf.pixels if onnx_path.is_file() else clf.extractor.pixels
         self.audio = getattr(clf, "audio", None)
         self.clf = clf
-        self.labels: list[str] = list(self.config["labels"])
-        self.threshold = self.config.get("threshold")
-        self.root = Path(self.config.get("data", {}).get("root", ""))
+        self.labels: list[str] = list(self.config.labels)
+        self.threshold = self.config.threshold
+        self.root = Path(self.config.data.get("root", ""))
         metrics_path = self.model_dir / "metrics.json"
         self.metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
         self.examples = self._examples()
@@ -185,7 +187,7 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
     limits = limits or Limits()
     model = ServedModel(run)
     batcher = MicroBatcher(model.run, limits.max_batch, limits.max_wait_ms)
-    app = FastAPI(title="foldernet", version=model.config.get("foldernet_version", ""),
+    app = FastAPI(title="foldernet", version=model.config.foldernet_version,
                   description=f"Image classifier: {', '.join(model.labels[:20])}")
 
     @app.exception_handler(UploadError)
@@ -222,7 +224,7 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
     async def info():
         split = model.metrics.get("reported_split")
         m = model.metrics.get("splits", {}).get(split, {}) if split else {}
-        counts = model.config.get("data", {}).get("counts", {})
+        counts = model.config.data.get("counts", {})
         classes = []
         for c in model.labels:
             pc = m.get("per_class", {}).get(c, {})
@@ -230,8 +232,8 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
                             "test": counts.get("test", {}).get(c), "precision": pc.get("precision"),
                             "recall": pc.get("recall"), "f1": pc.get("f1"),
                             "examples": [f"/example/{i}" for i in model.examples.get(c, [])]})
-        return {"backbone": model.config.get("backbone"), "mode": model.config.get("mode"),
-                "backend": model.backend, "metrics": model.config.get("metrics", {}), "classes": classes,
+        return {"backbone": model.config.backbone, "mode": model.config.mode,
+                "backend": model.backend, "metrics": model.config.metrics, "classes": classes,
                 "threshold": model.threshold}
 
     @app.get("/example/{index}", include_in_schema=False)
@@ -280,7 +282,7 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
 def _spectrogram_uri(data: bytes, cfg) -> str | None:
     import base64
 
-    from .preprocess import looks_like_image
+    from .modality import looks_like_image
 
     if looks_like_image(data):
         return None

@@ -114,7 +114,7 @@ def near_duplicate_groups(ds: Dataset, vectors, fps, hashes) -> int:
     Returns the number of clusters with more than one member."""
     from collections import Counter
 
-    from .audit import clusters, near_duplicate_pairs
+    from .dedup import clusters, near_duplicate_pairs
 
     pairs = [(i, j) for i, j, _, _ in near_duplicate_pairs(vectors, fps)]
     first: dict[str, int] = {}
@@ -171,14 +171,10 @@ def apply_grouping(ds: Dataset, group_by: str | None, features=None) -> None:
 
 
 def _default_features(ds: Dataset):
-    from .features import FeatureExtractor
-    from .models import create_backbone, state_digest
-    from .preprocess import for_dataset
+    from .encoder import Encoder
 
-    bb = create_backbone()
-    pre, audio = for_dataset(bb.data_config, ds.kind, paths=[it.path for it in ds.items])
-    extractor = FeatureExtractor(bb.model, pre, state_digest(bb.model), bb.name, audio=audio)
-    return extractor([it.path for it in ds.items], desc="features for grouping")
+    encoder = Encoder.build(kind=ds.kind, paths=[it.path for it in ds.items])
+    return encoder.extractor()([it.path for it in ds.items], desc="features for grouping")
 
 
 def split_dataset(data: str | os.PathLike, val: float = 0.15, test: float = 0.15, seed: int = 0,

@@ -1,0 +1,208 @@
+"""What kind of input a model reads: images or sounds. Each modality owns what differs between
+them (file extensions, the cheap header check, how bytes become model input, how the encoder's
+preprocessing is set up, what training and audit say about it), so the other stages ask the
+modality instead of branching on the kind. New kinds register in ``MODALITIES``."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FoldernetError
+from .preprocess import Preprocess
+
+
+class Modality:
+    kind: str = ""
+    extensions: frozenset[str] = frozenset()
+    noun: str = "file"              # what one input is called in messages
+
+    def owns(self, path: str | Path) -> bool:
+        return Path(path).suffix.lower() in self.extensions
+
+    def check_header(self, path: Path) -> str | None:
+        """A reason the file cannot be read, from a cheap look at its header; None when it can."""
+        raise NotImplementedError
+
+    def prepare(self, data_config: dict, img_size: int | None, options: dict | None, paths: list):
+        """(Preprocess, audio settings or None) for a backbone on data of this kind."""
+        raise NotImplementedError
+
+    def skip_reason(self, fingerprint: dict) -> str | None:
+        """Why training should leave an input out (e.g. a placeholder image), or None."""
+        return None
+
+    def training_note(self, backbone: str, mode: str, spectrogram_stats: bool) -> str | None:
+        """Advice printed before training (measured recipes for this kind of data), or None."""
+        return None
+
+    def supports_spectrogram_stats(self, mode: str) -> bool:
+        return False
+
+
+class ImageModality(Modality):
+    kind = "image"
+    noun = "image"
+
+    def __init__(self):
+        from .data import IMAGE_EXTENSIONS
+
+        self.extensions = frozenset(IMAGE_EXTENSIONS)
+
+    def check_header(self, path: Path) -> str | None:
+        from .data import check_image_header
+
+        return check_image_header(path)
+
+    def prepare(self, data_config: dict, img_size: int | None, options: dict | None, paths: list):
+        if data_config.get("audio"):
+            raise FoldernetError("this backbone was trained on sound (spectrograms) and cannot read images: "
+                                 "use an image backbone such as tf_efficientnet_lite0")
+        return _preprocess(data_config, img_size), None
+
+    def skip_reason(self, fingerprint: dict) -> str | None:
+        from .fingerprint import is_low_information
+
+        if fingerprint and is_low_information(fingerprint):
+            return (f"looks like a placeholder or blank image ({fingerprint['colours']} colours, one covers "
+                    f"{fingerprint['dominant']:.0%}); pass --keep-placeholders to use it")
+        return None
+
+
+class AudioModality(Modality):
+    kind = "audio"
+    noun = "clip"
+
+    def __init__(self):
+        from .audio import AUDIO_EXTENSIONS
+
+        self.extensions = frozenset(AUDIO_EXTENSIONS)
+
+    def check_header(self, path: Path) -> str | None:
+        from .audio import check_audio_header
+
+        return check_audio_header(path)
+
+    def prepare(self, data_config: dict, img_size: int | None, options: dict | None, paths: list):
+        """Spectrograms are rendered at the input size, so audio crops nothing; a backbone trained on
+        spectrograms (musicnn) fixes how they are made, and a setting that contradicts it is refused."""
+        from .audio import config_for
+
+        needs = data_config.get("audio") or {}
+        chosen = {k: v for k, v in (options or {}).items() if v is not None}
+        for key, value in chosen.items():
+            if key in needs and key != "window_seconds" and value != needs[key]:
+                raise FoldernetError(f"this backbone needs audio {key.replace('_', ' ')} {needs[key]} (it was "
+                                     f"trained so), not {value}: drop that setting")
+        cfg = config_for(list(paths or []), {**needs, **chosen})
+        return replace(_preprocess(data_config, img_size), crop_pct=1.0), cfg
+
+    def supports_spectrogram_stats(self, mode: str) -> bool:
+        return mode == "head"
+
+    def training_note(self, backbone: str, mode: str, spectrogram_stats: bool) -> str | None:
+        if mode != "head":
+            return None
+        hints = ["for speech, `--backbone scratch --img-size 64` did far better on unseen speakers"]
+        if not backbone.startswith("musicnn"):
+            hints.append("for music and instruments, the audio-pretrained `--backbone musicnn_mtt` (weights: "
+                         "`pip install --no-deps musicnn`) beat ImageNet features on unseen instruments")
+        if not spectrogram_stats:
+            hints.append("for clips of one sound each (instrument notes), `--spectrogram-stats` added points "
+                         "on unseen instruments")
+        return (f"note: audio with {backbone} features + head. " + "; ".join(hints).capitalize()
+                + " (benchmarks/audio.py).")
+
+
+MODALITIES: dict[str, Modality] = {}
+
+
+def register(m: Modality) -> Modality:
+    MODALITIES[m.kind] = m
+    return m
+
+
+register(ImageModality())
+register(AudioModality())
+
+
+def modality(kind: str) -> Modality:
+    """The modality of a dataset or bundle kind ('image', 'audio'); a mixed dataset reads as images
+    with its sounds refused one by one."""
+    return MODALITIES.get(kind) or MODALITIES["image"]
+
+
+def modality_of(path: str | Path) -> Modality | None:
+    """The modality whose extension the file has, or None."""
+    return next((m for m in MODALITIES.values() if m.owns(path)), None)
+
+
+def media_extensions() -> frozenset[str]:
+    return frozenset().union(*(m.extensions for m in MODALITIES.values()))
+
+
+def _preprocess(data_config: dict, img_size: int | None) -> Preprocess:
+    pre = Preprocess.from_timm(data_config)
+    return replace(pre, size=int(img_size)) if img_size else pre
+
+
+def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = None, audio: dict | None = None,
+                paths: list | None = None):
+    """(Preprocess, AudioConfig or None) for a backbone and a dataset kind."""
+    return modality(kind).prepare(data_config, img_size, audio, list(paths or []))
+
+
+# ----------------------------------------------------------------------------- bytes -> model input
+
+def read_source(source) -> tuple[bytes, str]:
+    """(bytes, name hint) of a path or raw bytes; the hint is empty for bytes."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source), ""
+    return Path(source).read_bytes(), str(source)
+
+
+def source_name(source) -> str:
+    """How an input is named in messages: its path, or '<upload>' for raw bytes."""
+    return "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+
+
+def looks_like_image(data: bytes) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except Exception:  # noqa: BLE001 - anything Pillow does not recognise
+        return False
+
+
+def decode_windows(data: bytes, pre: Preprocess, audio_cfg=None, hint: str = "") -> tuple[np.ndarray, dict]:
+    """Any input -> ((k, 3, S, S) pixels, fingerprint). An image model reads images (k = 1); a sound
+    model (one with audio settings) reads sounds, one spectrogram image per window, and refuses images."""
+    from .fingerprint import fingerprint
+
+    if audio_cfg is not None:
+        from .audio import clip_images
+
+        if looks_like_image(data) and not MODALITIES["audio"].owns(hint):
+            raise FoldernetError("this is an image, and the model classifies sounds")
+        images, facts = clip_images(data, audio_cfg, size=pre.size)
+        fp = fingerprint(images[0])
+        fp.update(facts)
+        return np.stack([pre(im) for im in images]), fp
+    if MODALITIES["audio"].owns(hint) and not looks_like_image(data):
+        raise FoldernetError("this is a sound file, and the model classifies images")
+    from .data import open_image
+
+    img = open_image(data, draft_size=pre.resize_size)
+    resized = pre.resize(img)  # the fingerprint works from the resized image: no second pass over the full one
+    return pre(resized, resized=True)[None], fingerprint(resized, original_size=img.size)
+
+
+def source_pixels(source, pre: Preprocess, audio_cfg=None) -> np.ndarray:
+    """(k, 3, S, S) pixels of a path or bytes: one row for an image, one per window for audio."""
+    data, hint = read_source(source)
+    return decode_windows(data, pre, audio_cfg, hint)[0]
