@@ -40,6 +40,7 @@ from .dedup import (NEAR_DUP_MAX_BITS, NEAR_DUP_MIN_COSINE, NEAR_DUP_STRONG_BITS
                     NEAR_DUP_STRONG_MIN_COSINE, clusters, near_duplicate_pairs)
 from .fingerprint import is_low_information
 from .head import imbalance_ratio
+from .params import FIXABLE
 from .io import atomic_write_json, atomic_write_text, staged_dir
 from .progress import console
 
@@ -49,7 +50,6 @@ TINY_MIN_SIDE = 32
 MAX_ASPECT = 5.0
 EXTENSION_FORMATS = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".png": {"PNG"}, ".gif": {"GIF"},
                      ".bmp": {"BMP", "DIB"}, ".webp": {"WEBP"}, ".tif": {"TIFF"}, ".tiff": {"TIFF"}}
-FIXABLE = ("unreadable", "wrong_type", "tiny", "low_information", "exact_duplicate", "leakage", "too_short")
 
 
 def out_of_fold_probs(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0, folds: int = 5) -> np.ndarray | None:

@@ -19,7 +19,12 @@ import numpy as np
 
 from . import __version__
 from .errors import FoldernetError
+from .calibration import K_NEIGHBOURS, not_sure_mask, not_sure_reasons
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from .modality import media_extensions, source_name
+from .params import check
+from .progress import console
+from .similar import INDEX_FILE
 from .preprocess import Preprocess, mean_per_input
 
 BUNDLE_FORMAT = 2  # 2: the training spec is recorded; 1 (foldernet 0.1 before it) still loads
@@ -190,6 +195,7 @@ class Prediction:
     error: str | None = None
     not_sure: bool = False
     similar: list = field(default_factory=list)  # nearest training images (similar.Neighbour)
+    not_sure_reason: str = ""                     # low confidence, far from every training example, or both
 
     @property
     def label(self) -> str | None:
@@ -247,13 +253,25 @@ class Predictor:
                 self._index = SimilarIndex(self.index_dir)
         return self._index
 
+    def _index_or_none(self, similar: int):
+        """The similar-example index, or None with a warning when ``similar`` was asked for and the
+        bundle has none."""
+        index = self.index
+        if index is None and similar > 0:
+            console.print(f"[yellow]warning:[/] similar examples are unavailable: {self.index_dir or 'this model'} "
+                          f"has no {INDEX_FILE}; retrain to rebuild it")
+        return index
+
     def similar(self, inputs, k: int = 5) -> list[list]:
-        """The ``k`` nearest training images of each input (path, label, cosine similarity)."""
+        """The ``k`` nearest training examples of each input (path, label, cosine similarity); an
+        unreadable input gets an empty list (``predict`` says why)."""
+        k = check("similar", {"k": k})["k"]
         if self.index is None:
-            raise FoldernetError("this model has no similar-example index (train with foldernet >= 0.1)")
+            raise FoldernetError(f"similar examples are unavailable: {self.index_dir or 'this model'} has no "
+                                 f"{INDEX_FILE}; retrain to rebuild it")
         sources = expand_inputs(inputs)
         _, feats, ok, errors = self.predict_batch(sources)
-        hits = self.index.search(feats, k)
+        hits = self.index.search(feats, k) if feats is not None and ok.any() else [[] for _ in sources]
         return [h if ok[i] else [] for i, h in enumerate(hits)]
 
     def predict(self, inputs: str | os.PathLike | bytes | Iterable, top_k: int = 5, batch_size: int = 256,
@@ -263,26 +281,30 @@ class Predictor:
 
     def iter_predict(self, inputs, top_k: int = 5, batch_size: int = 256, progress: bool = False,
                      similar: int = 0) -> Iterator[Prediction]:
-        """Stream predictions chunk by chunk, so a folder of 10,000 images never sits in memory.
-        A top-1 confidence under the bundle's threshold marks the answer ``not_sure`` (top-k still listed);
-        ``similar=K`` adds the K nearest training images."""
+        """Stream predictions chunk by chunk, so a folder of 10,000 images never sits in memory. Every
+        input gets a Prediction: its top-k, or the reason it was skipped. ``not_sure`` (with
+        ``not_sure_reason``) follows the bundle's open-set rule; ``similar=K`` adds the K nearest
+        training examples."""
+        o = check("predict", {"top_k": top_k, "similar": similar, "batch_size": batch_size})
+        top_k, similar, batch_size = o["top_k"], o["similar"], o["batch_size"]
         sources = expand_inputs(inputs)
-        k = max(1, min(top_k, len(self.labels)))
-        index = self.index if (similar > 0 or self.similarity_threshold is not None) else None
+        k = min(top_k, len(self.labels))
+        index = self._index_or_none(similar) if (similar > 0 or self.similarity_threshold is not None) else None
         for start in range(0, len(sources), batch_size):
             chunk = sources[start:start + batch_size]
             probs, feats, ok, errors = self.predict_batch(chunk, progress=progress and len(sources) > batch_size)
-            have = index is not None and feats is not None
+            have = index is not None and feats is not None and ok.any()
             neighbours = index.search(feats, similar) if have and similar > 0 else None
-            unsure = self.not_sure(probs, feats)
+            reasons = self.not_sure_reasons(probs, feats if have else None)
             for i, src in enumerate(chunk):
-                name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
+                name = source_name(src)
                 if not ok[i]:
                     yield Prediction(name, [], errors.get(i, "unreadable"))
                     continue
                 order = np.argsort(-probs[i])[:k]
                 top = [(self.labels[j], float(probs[i, j])) for j in order]
-                yield Prediction(name, top, None, bool(unsure[i]), neighbours[i] if neighbours else [])
+                yield Prediction(name, top, None, bool(reasons[i]), neighbours[i] if neighbours else [],
+                                 reasons[i])
 
     def timeline(self, source: str | os.PathLike | bytes, top_k: int = 3, batch_size: int = 32) -> list[Segment]:
         """What sounds when: every window of one recording answered on its own (``predict`` averages
@@ -291,7 +313,7 @@ class Predictor:
 
         if self.audio is None:
             raise FoldernetError("a timeline needs a model trained on audio; this one classifies images")
-        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+        name = source_name(source)
         try:
             images, spans = timeline_images(source, self.audio, size=self.preprocess.size)
         except Exception as exc:  # noqa: BLE001 - name the file and the reason, as predict does
@@ -306,14 +328,18 @@ class Predictor:
                         [(self.labels[j], float(probs[i, j])) for j in np.argsort(-probs[i])[:k]], bool(unsure[i]))
                 for i, (a, b) in enumerate(spans)]
 
-    def not_sure(self, probs: np.ndarray, feats: np.ndarray | None) -> np.ndarray:
-        """The open-set rule of the bundle (see ``evaluate.NOT_SURE_QUANTILE``) for a batch."""
-        from .evaluate import K_NEIGHBOURS, not_sure_mask
-
-        sims = None
+    def _similarities(self, feats: np.ndarray | None) -> np.ndarray | None:
         if self.similarity_threshold is not None and feats is not None and self.index is not None:
-            sims = self.index.knn_similarity(feats, K_NEIGHBOURS)
-        return not_sure_mask(probs, sims, self.threshold, self.similarity_threshold)
+            return self.index.knn_similarity(feats, K_NEIGHBOURS)
+        return None
+
+    def not_sure(self, probs: np.ndarray, feats: np.ndarray | None) -> np.ndarray:
+        """The open-set rule of the bundle (see ``calibration.NOT_SURE_QUANTILE``) for a batch."""
+        return not_sure_mask(probs, self._similarities(feats), self.threshold, self.similarity_threshold)
+
+    def not_sure_reasons(self, probs: np.ndarray, feats: np.ndarray | None) -> list[str]:
+        """Why each answer is not sure ('' when it is sure)."""
+        return not_sure_reasons(probs, self._similarities(feats), self.threshold, self.similarity_threshold)
 
 
 class Classifier(Predictor):
@@ -380,16 +406,14 @@ class Classifier(Predictor):
 
     def predict_batch(self, sources: Sequence, progress: bool = False):
         f = self.extractor(list(sources), desc="predict", progress=progress)
-        return self.proba_from_features(f.vectors), f.vectors, f.ok, f.errors
+        vectors = f.vectors if f.ok.any() else np.zeros((len(sources), self.head.dim), np.float32)
+        return self.proba_from_features(vectors), vectors, f.ok, f.errors
 
 
 def expand_inputs(inputs) -> list:
-    """Files, folders (recursively, image files only, sorted) and raw bytes -> a flat list."""
-    from .audio import AUDIO_EXTENSIONS
-    from .data import IMAGE_EXTENSIONS
-
-    media = IMAGE_EXTENSIONS | AUDIO_EXTENSIONS
-
+    """Files, folders (recursively, the image and sound files in them, sorted) and raw bytes -> a flat
+    list. A missing path, or a folder with nothing foldernet reads, is an error that names it."""
+    media = media_extensions()
     if isinstance(inputs, (str, os.PathLike, bytes, bytearray)):
         inputs = [inputs]
     out: list = []
@@ -399,12 +423,18 @@ def expand_inputs(inputs) -> list:
             continue
         p = Path(src).expanduser()
         if p.is_dir():
-            out.extend(sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in media),
-                              key=lambda f: f.as_posix()))
+            found = sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in media),
+                           key=lambda f: f.as_posix())
+            if not found:
+                raise FoldernetError(f"no image or sound files in {p} (foldernet reads "
+                                     f"{', '.join(sorted(media))})")
+            out.extend(found)
         elif p.exists() or p.is_symlink():
             out.append(p)
         else:
             raise FoldernetError(f"input not found: {p}")
+    if not out:
+        raise FoldernetError("no inputs given")
     return out
 
 

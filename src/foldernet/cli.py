@@ -13,11 +13,45 @@ from typing import List, Optional
 import typer
 from rich.text import Text
 
+from .params import FIXABLE
 from .errors import FoldernetError
 from .progress import console, stdout
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="foldernet: folders of labelled examples -> a classifier you can trust and ship.")
+
+
+def _opt(command: str, name: str, *decls: str, default=None):
+    """A typer option whose help (and what it accepts) comes from the command's table in params.py;
+    the value is None unless given, so defaults live in the table alone."""
+    from .params import param
+
+    p = param(command, name)
+    extra = "" if p.kind in (bool, str, Path) and not p.choices else f" [{p.allowed()}]"
+    if p.choices:
+        extra = f" [{' | '.join(p.choices)}; default {p.default}]"
+    elif p.default is not None and p.kind is not bool:
+        extra += f" [default {p.default}]"
+    return typer.Option(default, *decls, help=p.help + extra, show_default=False)
+
+
+def _given(values: dict, drop: tuple[str, ...] = ()) -> dict:
+    """The options the user gave (None and unset flags left out)."""
+    return {k: v for k, v in values.items() if v is not None and v is not False and k not in drop}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        stdout.print(f"foldernet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """foldernet: folders of labelled examples -> a classifier you can trust and ship."""
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -52,56 +86,52 @@ def _print_train_result(result) -> None:
 def train(
     data: Path = typer.Argument(..., help="DATA/<class>/<images> or DATA/{train,val,test}/<class>/<images>"),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="run folder to create"),
-    backbone: str = typer.Option("tf_efficientnet_lite0", help="any timm model name; scratch; for sound also "
-                                 "musicnn_mtt or musicnn_msd (audio-pretrained; pip install --no-deps musicnn)"),
-    weights: Optional[Path] = typer.Option(None, help="local weights file (.safetensors or state_dict)"),
-    mode: str = typer.Option("head", help="head: frozen backbone + linear head (fast); finetune: then the whole "
-                             "network with progressive unfreezing"),
-    val: float = typer.Option(0.15, help="validation fraction (when DATA has no split folders)"),
-    test: float = typer.Option(0.15, help="test fraction (when DATA has no split folders)"),
-    seed: int = typer.Option(0),
-    balance: str = typer.Option("auto", help="auto | off | weights | sampler"),
-    epochs: Optional[int] = typer.Option(None, help="finetune: epochs (default 6; 20 for --backbone scratch); head: max epochs (default 200)"),
-    augment: str = typer.Option("light", help="training augmentation for finetune: none | light | strong"),
-    img_size: Optional[int] = typer.Option(None, help="input size (default: the backbone's)"),
-    batch_size: int = typer.Option(32, help="finetune batch size"),
-    lr: Optional[float] = typer.Option(None, help="finetune learning rate (default 1e-4 pretrained, 3e-3 scratch)"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted finetune run"),
-    splits: Optional[Path] = typer.Option(None, help="splits.csv to reuse (default: DATA/splits.csv if present)"),
-    label_regex: Optional[str] = typer.Option(None, help="label from a regex group on the relative path"),
-    group_by: Optional[str] = typer.Option(None, help="near-duplicates | regex:PATTERN | csv:FILE (kept on one side)"),
+    backbone: Optional[str] = _opt("train", "backbone"),
+    weights: Optional[Path] = _opt("train", "weights"),
+    mode: Optional[str] = _opt("train", "mode"),
+    val: Optional[float] = _opt("train", "val"),
+    test: Optional[float] = _opt("train", "test"),
+    seed: Optional[int] = _opt("train", "seed"),
+    balance: Optional[str] = _opt("train", "balance"),
+    epochs: Optional[int] = _opt("train", "epochs"),
+    max_epochs: Optional[int] = _opt("train", "max_epochs"),
+    patience: Optional[int] = _opt("train", "patience"),
+    lr: Optional[float] = typer.Option(None, help="learning rate of the mode's stage: the head's in head mode "
+                                       "(default 1e-3), fine-tuning's in finetune mode (default 1e-4; 3e-3 scratch)"),
+    head_lr: Optional[float] = _opt("train", "head_lr"),
+    finetune_lr: Optional[float] = _opt("train", "finetune_lr"),
+    augment: Optional[str] = _opt("train", "augment"),
+    img_size: Optional[int] = _opt("train", "img_size"),
+    batch_size: Optional[int] = _opt("train", "batch_size"),
+    workers: Optional[int] = _opt("train", "workers"),
+    resume: bool = _opt("train", "resume", "--resume", default=False),
+    keep_checkpoint: bool = _opt("train", "keep_checkpoint", "--keep-checkpoint", default=False),
+    splits: Optional[Path] = _opt("train", "splits"),
+    label_regex: Optional[str] = _opt("train", "label_regex"),
+    group_by: Optional[str] = _opt("train", "group_by"),
     group_regex: Optional[str] = typer.Option(None, help="shorthand for --group-by regex:PATTERN"),
-    allow_leakage: bool = typer.Option(False, "--allow-leakage", help="train even if val/test duplicate train images"),
-    keep_placeholders: bool = typer.Option(False, "--keep-placeholders", help="train on flat placeholder-like images"),
-    label_map: Optional[Path] = typer.Option(None, help="CSV fine,coarse: also evaluate and report coarse labels"),
+    allow_leakage: bool = _opt("train", "allow_leakage", "--allow-leakage", default=False),
+    keep_placeholders: bool = _opt("train", "keep_placeholders", "--keep-placeholders", default=False),
+    label_map: Optional[Path] = _opt("train", "label_map_file", "--label-map"),
     no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the feature cache"),
-    engine: str = typer.Option("onnx", help="onnx (fast CPU path) or torch"),
-    window: Optional[float] = typer.Option(None, help="audio: window length in seconds (default: 1 s, shorter "
-                                           "when most clips are; a clip's windows are averaged)"),
-    sample_rate: Optional[int] = typer.Option(None, help="audio: resample to this rate (default 16000, or the "
-                                              "data's lower rate)"),
-    n_mels: Optional[int] = typer.Option(None, help="audio: mel bands (default 128; 64 below 16 kHz)"),
-    spectrogram_stats: bool = typer.Option(False, help="audio, head mode: append spectrogram "
-                                           "statistics per time segment (band levels, MFCCs, envelope); for clips of "
-                                           "one sound event each, such as instrument notes"),
-    refit: bool = typer.Option(False, "--refit", help="head mode: once early stopping has chosen the epochs on "
-                               "val, train the head again on train + val (the final model learns from more "
-                               "examples; val figures stay those of the head that never saw val)"),
-    force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
+    engine: Optional[str] = _opt("train", "engine"),
+    window: Optional[float] = _opt("train", "window_seconds", "--window"),
+    sample_rate: Optional[int] = _opt("train", "sample_rate"),
+    n_mels: Optional[int] = _opt("train", "n_mels"),
+    spectrogram_stats: bool = _opt("train", "spectrogram_stats", "--spectrogram-stats", default=False),
+    refit: bool = _opt("train", "refit", "--refit", default=False),
+    force: bool = _opt("train", "force", "--force", default=False),
 ) -> None:
     """Train a classifier and write a model bundle to OUT/model."""
+    options = _given(locals(), drop=("data", "out", "group_regex", "label_map", "no_cache", "window"))
     from .train import train as _train
 
-    result = _train(data, out, backbone=backbone, weights=weights, mode=mode, val=val, test=test, seed=seed,
-                    balance=balance, max_epochs=epochs if (epochs and mode == "head") else 200, force=force,
-                    epochs=epochs if mode != "head" or backbone == "scratch" else None, augment=augment,
-                    img_size=img_size, batch_size=batch_size, resume=resume, finetune_lr=lr, splits=splits, engine=engine,
-                    use_cache=not no_cache, label_regex=label_regex,
-                    group_by=group_by or (f"regex:{group_regex}" if group_regex else None),
-                    allow_leakage=allow_leakage, keep_placeholders=keep_placeholders, label_map_file=label_map,
-                    spectrogram_stats=spectrogram_stats, refit=refit,
-                    audio={"window_seconds": window, "sample_rate": sample_rate, "n_mels": n_mels})
-    _print_train_result(result)
+    if group_regex is not None:
+        options["group_by"] = f"regex:{group_regex}"
+    options.update(_given({"label_map_file": label_map, "window_seconds": window}))
+    if no_cache:
+        options["use_cache"] = False
+    _print_train_result(_train(data, out, **options))
 
 
 @app.command()
@@ -140,39 +170,44 @@ def _warn_unreadable(n: int) -> None:
 def predict(
     run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
     inputs: List[Path] = typer.Argument(..., help="image files and/or folders"),
-    top_k: int = typer.Option(5, "--top-k", "-k", help="how many labels to list per input"),
+    top_k: Optional[int] = _opt("predict", "top_k", "--top-k", "-k"),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="write a CSV instead of printing"),
-    similar: int = typer.Option(0, "--similar", help="also list this many most similar training images"),
+    similar: Optional[int] = _opt("predict", "similar", "--similar"),
     timeline: bool = typer.Option(False, "--timeline", help="audio: answer every window of each recording "
                                   "(start-end seconds) instead of their average: what sounds when"),
 ) -> None:
     """Top-k labels with probabilities for each image (label_image style), or a CSV."""
-    from .bundle import load
+    from .bundle import expand_inputs, load
     from .io import atomic_write_text
+    from .params import check
 
+    o = check("predict", _given({"top_k": top_k, "similar": similar}))
+    top_k, similar = o["top_k"], o["similar"]
+    sources = expand_inputs(inputs)  # a missing file or an empty folder: said before the model loads
     model = load(run)
     if timeline:
-        return _predict_timeline(model, inputs, top_k, csv_out)
-    preds = model.iter_predict(inputs, top_k=top_k, progress=csv_out is not None, similar=similar)
+        return _predict_timeline(model, sources, top_k, csv_out)
+    preds = model.iter_predict(sources, top_k=top_k, progress=csv_out is not None, similar=similar)
     n_bad = 0
     if csv_out is not None:
-        k = max(1, min(top_k, len(model.labels)))
+        k = min(top_k, len(model.labels))
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path"] + _topk_columns(k) + ["not_sure", "error"]
+        w.writerow(["path"] + _topk_columns(k) + ["not_sure", "not_sure_reason", "error"]
                    + (["similar"] if similar else []))
         count = 0
         for p in preds:
             count += 1
             n_bad += p.error is not None
             cells = _topk_cells(p.top)
-            w.writerow([p.source] + cells + [""] * (2 * k - len(cells)) + [int(p.not_sure), p.error or ""]
+            w.writerow([p.source] + cells + [""] * (2 * k - len(cells))
+                       + [int(p.not_sure), p.not_sure_reason, p.error or ""]
                        + (["|".join(f"{n.path}:{n.similarity:.3f}" for n in p.similar)] if similar else []))
         atomic_write_text(csv_out, buf.getvalue())
         stdout.print(f"wrote {count} predictions to {csv_out}")
     else:
         for p in preds:
-            stdout.print(p.source + ("  (not sure)" if p.not_sure else ""))
+            stdout.print(p.source + (f"  (not sure: {p.not_sure_reason})" if p.not_sure else ""))
             if p.error:
                 n_bad += 1
                 stdout.print(f"  skipped: {p.error}")
@@ -185,17 +220,16 @@ def predict(
 
 def _predict_timeline(model, inputs: list[Path], top_k: int, csv_out: Path | None) -> None:
     """`predict --timeline`: one row per window of each recording, printed or as a CSV."""
-    from .bundle import expand_inputs
     from .io import atomic_write_text
 
     if model.audio is None:
         raise FoldernetError("--timeline needs a model trained on audio; this one classifies images")
-    k = max(1, min(top_k, len(model.labels)))
+    k = min(top_k, len(model.labels))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "start_s", "end_s"] + _topk_columns(k) + ["not_sure"])
     rows = n_bad = 0
-    for src in expand_inputs(inputs):
+    for src in inputs:
         try:
             segments = model.timeline(src, top_k=k)
         except FoldernetError as exc:  # skip and report, as predict does: one bad file stops nothing
@@ -220,18 +254,22 @@ def _predict_timeline(model, inputs: list[Path], top_k: int, csv_out: Path | Non
 @app.command()
 def split(
     data: Path = typer.Argument(..., help="DATA/<class>/<images>"),
-    val: float = typer.Option(0.15), test: float = typer.Option(0.15), seed: int = typer.Option(0),
+    val: Optional[float] = _opt("split", "val"), test: Optional[float] = _opt("split", "test"),
+    seed: Optional[int] = _opt("split", "seed"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="where to write splits.csv (default DATA/splits.csv)"),
-    group_by: Optional[str] = typer.Option(None, help="near-duplicates | regex:PATTERN | csv:FILE"),
+    group_by: Optional[str] = _opt("split", "group_by"),
     group_regex: Optional[str] = typer.Option(None, help="shorthand for --group-by regex:PATTERN"),
-    label_regex: Optional[str] = typer.Option(None, help="label from a regex group on the relative path"),
-    folds: int = typer.Option(0, help="write N cross-validation splits over the groups into --out (a folder, "
-                                      "default ./folds) instead of one splits.csv"),
+    label_regex: Optional[str] = _opt("split", "label_regex"),
+    folds: Optional[int] = _opt("split", "folds"),
 ) -> None:
     """Write a stratified, seeded, stable, grouped splits.csv that `train` then uses."""
+    from .params import check
     from .split import split_counts, split_dataset, split_folds
 
-    group_by = group_by or (f"regex:{group_regex}" if group_regex else None)
+    group_by = f"regex:{group_regex}" if group_regex else group_by
+    o = check("split", _given({"val": val, "test": test, "seed": seed, "group_by": group_by,
+                               "label_regex": label_regex, "folds": folds}))
+    val, test, seed, folds = o["val"], o["test"], o["seed"], o["folds"]
     if folds:
         made = split_folds(data, folds, out or Path("folds"), seed=seed, group_by=group_by, label_regex=label_regex)
         for k, (groups, path) in enumerate(made, 1):
@@ -252,20 +290,22 @@ def audit(
     data: Path = typer.Argument(..., help="DATA/<class>/<images> (or with train/val/test folders)"),
     out: Path = typer.Option(Path("audit"), "--out", "-o", help="folder for audit.json and audit.html"),
     fix: bool = typer.Option(False, "--fix", help="move flagged files to DATA.quarantine (restorable)"),
-    fix_kinds: str = typer.Option(",".join(("unreadable", "wrong_type", "tiny", "low_information", "exact_duplicate",
-                                            "leakage")), help="which findings --fix moves"),
-    splits: Optional[Path] = typer.Option(None, help="splits.csv to check for leakage (default DATA/splits.csv)"),
+    fix_kinds: Optional[str] = typer.Option(None, help="which findings --fix moves (comma-separated; default: "
+                                            "every kind a copy can safely be moved for: " + ", ".join(FIXABLE) + ")"),
+    splits: Optional[Path] = _opt("audit", "splits"),
     no_label_issues: bool = typer.Option(False, "--no-label-issues", help="skip the label-error search"),
-    label_regex: Optional[str] = typer.Option(None, help="label from a regex group on the relative path"),
-    force: bool = typer.Option(False, "--force", help="replace an existing audit folder"),
+    label_regex: Optional[str] = _opt("audit", "label_regex"),
+    force: bool = _opt("audit", "force", "--force", default=False),
 ) -> None:
     """Find unreadable, tiny, placeholder, duplicate, leaked and likely mislabelled files."""
     from rich.table import Table
 
     from .audit import TITLES, audit as _audit, files_to_fix, quarantine
+    from .params import check, split_list
 
-    report = _audit(data, out=out, splits=splits, find_label_errors=not no_label_issues, force=force,
-                    label_regex=label_regex)
+    check("audit", _given({"fix_kinds": fix_kinds}))
+    report = _audit(data, out=out, **_given({"splits": splits, "force": force, "label_regex": label_regex}),
+                    find_label_errors=not no_label_issues)
     t = Table(title=f"audit of {data}: {report['images']} images, {len(report['classes'])} classes, "
                     f"imbalance ratio {report['imbalance_ratio']:.2f}")
     t.add_column("finding")
@@ -279,7 +319,7 @@ def audit(
     stdout.print(t)
     stdout.print(f"report: {out / 'audit.html'}  data: {out / 'audit.json'}")
     if fix:
-        moves = files_to_fix(report, tuple(k.strip() for k in fix_kinds.split(",") if k.strip()))
+        moves = files_to_fix(report, tuple(split_list(fix_kinds)) if fix_kinds else FIXABLE)
         if not moves:
             stdout.print("--fix: nothing to move")
             return
@@ -299,15 +339,16 @@ def restore(manifest: Path = typer.Argument(..., help="a quarantine manifest.jso
 def collect(
     url_list: Path = typer.Argument(..., help="CSV with columns url,label (and optionally group)"),
     out: Path = typer.Option(..., "--out", "-o", help="DATA folder to fill: DATA/<label>/<hash>.<ext>"),
-    workers: int = typer.Option(8, help="parallel downloads"),
-    timeout: float = typer.Option(20.0, help="seconds per request"),
-    retries: int = typer.Option(3, help="retries for timeouts, 429 and 5xx (exponential backoff)"),
-    max_mb: float = typer.Option(20.0, help="largest file to accept"),
+    workers: Optional[int] = _opt("collect", "workers"),
+    timeout: Optional[float] = _opt("collect", "timeout"),
+    retries: Optional[int] = _opt("collect", "retries"),
+    max_mb: Optional[float] = _opt("collect", "max_mb"),
 ) -> None:
     """Download a URL list into class folders: checked, deduplicated, resumable, every row logged."""
     from .collect import collect as _collect
 
-    r = _collect(url_list, out, workers=workers, timeout=timeout, retries=retries, max_mb=max_mb)
+    r = _collect(url_list, out, **_given({"workers": workers, "timeout": timeout, "retries": retries,
+                                          "max_mb": max_mb}))
     stdout.print(f"{r['rows']} rows ({r['skipped_as_done']} already done): "
                  + ", ".join(f"{k} {v}" for k, v in sorted(r["status"].items())))
     stdout.print(f"log: {r['log']}")
@@ -317,13 +358,13 @@ def collect(
 def frames(
     videos: List[Path] = typer.Argument(..., help="video files"),
     out: Path = typer.Option(..., "--out", "-o", help="class folder to write frames into: DATA/<label>"),
-    every: float = typer.Option(0.5, help="seconds between saved frames"),
-    max_frames: Optional[int] = typer.Option(None, help="at most this many frames per video"),
+    every: Optional[float] = _opt("frames", "every"),
+    max_frames: Optional[int] = _opt("frames", "max_frames"),
 ) -> None:
     """Save video frames as images; each frame's group is its video, so splits keep videos whole."""
     from .collect import extract_frames
 
-    r = extract_frames(videos, out, every=every, max_frames=max_frames)
+    r = extract_frames(videos, out, **_given({"every": every, "max_frames": max_frames}))
     for v, n in r["frames"].items():
         stdout.print(f"{v}: {n} frames")
     stdout.print(f"groups: {r['groups']} (train and split use it to keep each video on one side)")
@@ -346,17 +387,20 @@ def report(
 def similar(
     run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
     images: List[Path] = typer.Argument(..., help="image files or folders"),
-    k: int = typer.Option(5, "-k", help="how many neighbours"),
+    k: Optional[int] = _opt("similar", "k", "-k"),
 ) -> None:
-    """The most similar training images of each input, with labels and cosine similarity."""
+    """The most similar training examples of each input, with labels and cosine similarity."""
     from .bundle import expand_inputs, load
+    from .params import check
 
-    model = load(run)
+    k = check("similar", _given({"k": k}))["k"]
     sources = expand_inputs(images)
-    for src, hits in zip(sources, model.similar(sources, k=k)):
+    model = load(run)
+    hits_all = model.similar(sources, k=k)
+    for src, hits, p in zip(sources, hits_all, model.predict(sources, top_k=1)):
         stdout.print(str(src))
-        if not hits:
-            stdout.print("  skipped: unreadable image")
+        if p.error:
+            stdout.print(f"  skipped: {p.error}")
         for n in hits:
             stdout.print(f"  {n.similarity:.4f}  {n.label}  {n.path}")
 
@@ -367,15 +411,16 @@ def compare(
     backbones: str = typer.Option("tf_efficientnet_lite0,scratch", help="comma-separated timm names (or scratch)"),
     modes: str = typer.Option("head", help="comma-separated: head, finetune"),
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o"),
-    epochs: Optional[int] = typer.Option(None, help="finetune/scratch epochs"),
-    img_size: Optional[int] = typer.Option(None, help="input size for every model"),
-    force: bool = typer.Option(False, "--force", help="replace an existing comparison folder"),
+    epochs: Optional[int] = _opt("compare", "epochs"),
+    img_size: Optional[int] = _opt("compare", "img_size"),
+    force: bool = _opt("compare", "force", "--force", default=False),
 ) -> None:
     """Train several backbones/modes on the same split; write a leaderboard (Markdown, CSV, PNG)."""
     from .compare import compare as _compare
 
     rows = _compare(data, out, [b.strip() for b in backbones.split(",") if b.strip()],
-                    [m.strip() for m in modes.split(",") if m.strip()], force=force, epochs=epochs, img_size=img_size)
+                    [m.strip() for m in modes.split(",") if m.strip()], force=force,
+                    **_given({"epochs": epochs, "img_size": img_size}))
     stdout.print((out / "leaderboard.md").read_text(encoding="utf-8"))
     stdout.print(f"leaderboard: {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'leaderboard.png'}")
     if not any("accuracy" in r for r in rows):
@@ -385,16 +430,20 @@ def compare(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("foldernet-demo"), "--out", "-o", help="folder for the demo data and run"),
-    per_class: int = typer.Option(50, help="images per digit class"),
-    force: bool = typer.Option(False, "--force", help="replace an existing demo folder"),
+    per_class: Optional[int] = _opt("demo", "per_class"),
+    force: bool = _opt("demo", "force", "--force", default=False),
 ) -> None:
     """Offline, ~1 minute: write real handwritten digits as class folders, train, evaluate, predict."""
     from .bundle import load
     from .demo import write_digits
-    from .io import check_new_output
+    from .io import check_new_output, write_marker
+    from .params import check
     from .train import train as _train
 
-    check_new_output(out, force)
+    per_class = check("demo", _given({"per_class": per_class}))["per_class"]
+    check_new_output(out, force, "demo")
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "demo")
     data = write_digits(out / "data", per_class=per_class)
     stdout.print(f"1/3 wrote {sum(1 for _ in data.rglob('*.png'))} digit images to {data}")
     result = _train(data, out / "run", force=True)
@@ -419,19 +468,18 @@ def demo(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
-    fmt: str = typer.Option("onnx", "--format", help="onnx"),
-    int8: bool = typer.Option(False, "--int8", help="also try static int8 quantisation (kept only if it earns it)"),
-    prefer_size: bool = typer.Option(False, "--prefer-size", help="keep int8 when it agrees but is not faster"),
+    fmt: Optional[str] = _opt("export", "format", "--format"),
+    int8: bool = _opt("export", "int8", "--int8", default=False),
+    prefer_size: bool = _opt("export", "prefer_size", "--prefer-size", default=False),
     data: Optional[Path] = typer.Option(None, help="the training data folder, if it moved since training"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="export folder (default RUN/export)"),
-    force: bool = typer.Option(False, "--force", help="replace an existing export"),
+    force: bool = _opt("export", "force", "--force", default=False),
 ) -> None:
     """Export to one ONNX file, checked against the PyTorch model on the held-out split."""
     from .export import export as _export
 
-    if fmt != "onnx":
-        raise FoldernetError(f"--format {fmt} is not supported; use onnx")
-    report = _export(run, out=out, int8=int8, prefer_size=prefer_size, data=data, force=force)
+    report = _export(run, out=out, data=data, **_given({"format": fmt, "int8": int8, "prefer_size": prefer_size,
+                                                        "force": force}))
     fp = report["fp32"]
     stdout.print(f"fp32: {fp['path']} ({fp['size_mb']} MB), top-1 agreement {fp['top1_agreement']:.4f} on "
                  f"{report['n']} held-out {report['inputs']}, max probability difference {fp['max_prob_diff']:.2e}")
@@ -454,6 +502,15 @@ def serve(
 
     stdout.print(f"serving {run} on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
     _serve(run, host=host, port=port, limits=Limits(max_bytes=int(max_upload_mb * 1024 * 1024)))
+
+
+@app.command()
+def backbones() -> None:
+    """Backbones foldernet can use here: which have weights on this machine now, which need them."""
+    from .models import list_backbones
+
+    for row in list_backbones():
+        stdout.print(f"{row['name']:28s} {row['status']:14s} {row['note']}")
 
 
 def main() -> None:

@@ -158,6 +158,10 @@ class Downloader:
 def collect(url_list: str | os.PathLike, out: str | os.PathLike, workers: int = 8, timeout: float = 20.0,
             retries: int = 3, max_mb: float = 20.0, progress: bool = True, backoff: float = 0.5) -> dict:
     """Download every row of ``url_list`` (url,label[,group]) into ``out/<label>/<content hash>.<ext>``."""
+    from .params import check
+
+    o = check("collect", {"workers": workers, "timeout": timeout, "retries": retries, "max_mb": max_mb})
+    workers, timeout, retries, max_mb = o["workers"], o["timeout"], o["retries"], o["max_mb"]
     rows = read_list(url_list)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,6 +232,10 @@ def extract_frames(videos: list[str | os.PathLike], out: str | os.PathLike, ever
                    max_frames: int | None = None, quality: int = 92) -> dict:
     """Save a frame every ``every`` seconds of each video as JPEG into ``out`` (a class folder), and
     record the video as each frame's group in ``out/../groups.csv``."""
+    from .params import check
+
+    o = check("frames", {"every": every, "max_frames": max_frames})
+    every, max_frames = o["every"], o["max_frames"]
     import av
 
     if every <= 0:

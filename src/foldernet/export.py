@@ -90,10 +90,14 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray) -> Path:
     return out
 
 
-def export(run: str | os.PathLike, out: str | os.PathLike | None = None, int8: bool = False,
-           prefer_size: bool = False, data: str | os.PathLike | None = None, force: bool = False,
-           parity_limit: int | None = None) -> dict:
-    """Write ``RUN/export/model.onnx`` (+ ``model.int8.onnx`` when it earns its place) and ``parity.json``."""
+def export(run: str | os.PathLike, out: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+           parity_limit: int | None = None, **options) -> dict:
+    """Write ``RUN/export/model.onnx`` (+ ``model.int8.onnx`` when it earns its place) and ``parity.json``.
+    Options: those of ``foldernet export`` (format, int8, prefer_size, force), checked first."""
+    from .params import check
+
+    o = check("export", options)
+    int8, prefer_size, force = o["int8"], o["prefer_size"], o["force"]
     import onnx
 
     from .features import export_onnx

@@ -29,8 +29,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import FoldernetError
-from .modality import decode_windows, read_source, source_pixels
+from .modality import decode_error, decode_windows, read_source, source_pixels
 from .preprocess import Preprocess, mean_per_input
 from .progress import progress_bar
 
@@ -240,11 +239,8 @@ class FeatureExtractor:
         try:
             pix, fp = decode_windows(data, self.preprocess, self.audio, hint)
             return h, pix, fp, None
-        except FoldernetError as exc:  # the wrong kind of input for this model
-            return h, None, None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a bad file is reported, never fatal
-            what = "audio" if self.audio is not None else "image"
-            return h, None, None, f"cannot decode {what} ({type(exc).__name__}: {str(exc)[:120]})"
+            return h, None, None, decode_error(exc, "audio" if self.audio is not None else "image")
 
     def __call__(self, sources: Sequence, desc: str = "features", progress: bool = True) -> Features:
         import time

@@ -169,6 +169,17 @@ def source_name(source) -> str:
     return "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
 
 
+def decode_error(exc: Exception, what: str = "input") -> str:
+    """A one-line reason for a file that could not be decoded; never a Python object's repr (Pillow
+    names in-memory files '<_io.BytesIO object at 0x...>': the row already names the file)."""
+    import re
+
+    if isinstance(exc, FoldernetError):
+        return str(exc)
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))[:120].strip()
+    return f"cannot decode {what} ({type(exc).__name__}{': ' + text if text else ''})"
+
+
 def looks_like_image(data: bytes) -> bool:
     from PIL import Image
 

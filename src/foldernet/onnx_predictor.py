@@ -17,7 +17,7 @@ import numpy as np
 from .bundle import Predictor
 from .errors import FoldernetError
 from .calibration import softmax
-from .modality import source_pixels
+from .modality import decode_error, source_pixels
 from .preprocess import Preprocess, mean_per_input
 
 
@@ -37,15 +37,24 @@ class OnnxClassifier(Predictor):
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            meta = self.session.get_modelmeta().custom_metadata_map
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupted: ONNX Runtime raises its own types
+            raise FoldernetError(f"the ONNX model at {path} is damaged: it does not load ({type(exc).__name__}: "
+                                 f"{str(exc)[:160]}); export it again with `foldernet export RUN --force`") from None
         if "foldernet" not in meta:
             raise FoldernetError(f"{path} has no foldernet metadata (labels, preprocessing); export it with "
                                  "`foldernet export`")
-        info = json.loads(meta["foldernet"])
+        try:
+            info = json.loads(meta["foldernet"])
+            labels, pre = list(info["labels"]), Preprocess.from_dict(info["preprocess"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FoldernetError(f"the ONNX model at {path} is damaged: its foldernet metadata is unreadable "
+                                 f"({type(exc).__name__}); export it again") from None
         self.path = path
-        self.labels: list[str] = info["labels"]
-        self.preprocess = Preprocess.from_dict(info["preprocess"])
+        self.labels: list[str] = labels
+        self.preprocess = pre
         self.temperature = float(info.get("temperature", 1.0))
         self.audio = None
         if info.get("audio"):
@@ -83,7 +92,7 @@ class OnnxClassifier(Predictor):
             try:
                 return self.pixels(src), None
             except Exception as exc:  # noqa: BLE001 - a bad input is reported, never fatal
-                return None, f"cannot decode input ({type(exc).__name__}: {str(exc)[:120]})"
+                return None, decode_error(exc, "audio" if self.audio is not None else "image")
 
         n = len(sources)
         probs = np.zeros((n, len(self.labels)), np.float32)

@@ -109,6 +109,10 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(x)
 
 
+# audit findings that `audit --fix` may move (one copy of a duplicate stays; label conflicts never move)
+FIXABLE = ("unreadable", "wrong_type", "tiny", "low_information", "exact_duplicate", "leakage", "too_short")
+
+
 def _p(*args, **kw) -> Param:
     return Param(*args, **kw)
 
@@ -271,8 +275,6 @@ def _cross_checks(command: str, v: dict[str, Any]) -> None:
     if v.get("group_by"):
         check_group_by(v["group_by"], command)
     if command == "audit" and v.get("fix_kinds"):
-        from .audit import FIXABLE
-
         bad = [k for k in split_list(v["fix_kinds"]) if k not in FIXABLE]
         if bad:
             raise FoldernetError(f"audit --fix-kinds: unknown kind {', '.join(bad)}; choose from {', '.join(FIXABLE)}")

@@ -57,10 +57,24 @@ class SimilarIndex:
     def __init__(self, model_dir: str | os.PathLike):
         from safetensors.numpy import load_file
 
+        from .errors import FoldernetError
+
         model_dir = Path(model_dir)
-        self.embeddings = load_file(str(model_dir / INDEX_FILE))["embeddings"].astype(np.float32)
-        meta = json.loads((model_dir / INDEX_META).read_text(encoding="utf-8"))
-        self.paths, self.labels = meta["paths"], meta["labels"]
+
+        def damaged(what: str) -> FoldernetError:
+            return FoldernetError(f"the bundle at {model_dir} is damaged: {what}; retrain or restore it")
+
+        try:
+            self.embeddings = load_file(str(model_dir / INDEX_FILE))["embeddings"].astype(np.float32)
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupted: safetensors raises several types
+            raise damaged(f"{INDEX_FILE} cannot be read ({type(exc).__name__})") from None
+        try:
+            meta = json.loads((model_dir / INDEX_META).read_text(encoding="utf-8"))
+            self.paths, self.labels = list(meta["paths"]), list(meta["labels"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise damaged(f"{INDEX_META} cannot be read ({type(exc).__name__})") from None
+        if self.embeddings.ndim != 2 or not (len(self.embeddings) == len(self.paths) == len(self.labels)):
+            raise damaged(f"{INDEX_FILE} holds {len(self.embeddings)} rows for {len(self.paths)} paths")
 
     @staticmethod
     def exists(model_dir: str | os.PathLike) -> bool:

@@ -182,7 +182,9 @@ def split_dataset(data: str | os.PathLike, val: float = 0.15, test: float = 0.15
                   label_regex: str | None = None) -> Dataset:
     """Python door for ``foldernet split``: scan, group, assign, and write ``splits.csv``."""
     from .data import scan
+    from .params import check
 
+    check("split", {"val": val, "test": test, "seed": seed, "group_by": group_by, "label_regex": label_regex})
     ds = scan(data, label_regex=label_regex)
     apply_grouping(ds, group_by)
     assign_splits(ds, val, test, seed)
@@ -202,7 +204,9 @@ def split_folds(data: str | os.PathLike, folds: int, out: str | os.PathLike, see
     from sklearn.model_selection import StratifiedGroupKFold
 
     from .data import scan
+    from .params import check
 
+    check("split", {"seed": seed, "group_by": group_by, "label_regex": label_regex, "folds": folds})
     ds = scan(data, label_regex=label_regex)
     if ds.predefined_split:
         raise FoldernetError(f"{ds.root} has its own train/val/test folders; folds need a flat DATA/<class>/ layout")
