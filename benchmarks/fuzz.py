@@ -89,7 +89,7 @@ def main() -> int:
     examples: list[str] = []
     with tempfile.TemporaryDirectory(prefix="foldernet-fuzz-") as tmp:
         run, _ = demo_bundle(Path(tmp), export=False)
-        with TestClient(create_app(run)) as client:
+        with TestClient(create_app(run), base_url="http://127.0.0.1") as client:
             deadline = time.time() + args.seconds
             while time.time() < deadline:
                 data = mutate(pool[rng.integers(0, len(pool))], rng)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 import foldernet
-from foldernet.audit import audit, files_to_fix, restore
+from foldernet.audit import audit, files_to_fix, label_conflicts, restore
 from foldernet.errors import FoldernetError
 
 
@@ -99,6 +99,9 @@ def test_fix_quarantines_and_restore_puts_everything_back(messy, tmp_path):
     after = digest(messy)
     moved = set(before) - set(after)
     assert {"train/temple/notfound.gif", "train/flower/tiny.png", "val/temple/copy0.jpg"} <= moved
+    # the cross-label pair stays, the original included: only a person can say which label is right
+    assert not {"train/temple/temple0.jpg", "train/flower/same_as_temple0.jpg"} & moved
+    assert "different labels" in proc.stdout
     quarantined = messy.parent / "data.quarantine"
     assert len(json.loads((quarantined / "manifest.json").read_text())["moved"]) == len(moved)
     assert restore(quarantined) == len(moved)
@@ -140,4 +143,5 @@ def test_files_to_fix_keeps_one_copy_of_plain_duplicates():
     report = {"findings": {"exact_duplicate": [{"paths": ["a/1.jpg", "a/2.jpg"], "labels": ["a"]},
                                                {"paths": ["a/3.jpg", "b/3.jpg"], "labels": ["a", "b"]}]}}
     moves = files_to_fix(report, ("exact_duplicate",))
-    assert set(moves) == {"a/2.jpg", "a/3.jpg", "b/3.jpg"}
+    assert set(moves) == {"a/2.jpg"}  # a label conflict moves nothing: a person decides
+    assert label_conflicts(report) == [["a/3.jpg", "b/3.jpg"]]

@@ -102,7 +102,7 @@ def test_collect_downloads_checks_dedups_and_resumes(server, tmp_path):
     collect(lst, out, workers=4, timeout=0.5, retries=2, max_mb=1, progress=False, backoff=0.05)
     log = {row["url"].replace(server, ""): row for row in csv.DictReader(open(out / "collect_log.csv"))}
     assert log["/good/1.jpg"]["status"] == "ok"
-    assert log["/copy-of-1.jpg"]["status"] == "duplicate"
+    assert log["/copy-of-1.jpg"]["status"].startswith("duplicate of line 2 (cats/")
     assert log["/missing.jpg"]["status"] == "http 404"
     assert log["/page.jpg"]["status"] == "not an image"
     assert log["/redirect.jpg"]["status"] == "ok"
@@ -118,6 +118,25 @@ def test_collect_downloads_checks_dedups_and_resumes(server, tmp_path):
     assert r2["skipped_as_done"] == 9  # everything but the timed-out row is final
     assert Handler.hits.get("/good/1.jpg") == before.get("/good/1.jpg")
     assert Handler.hits["/slow.jpg"] > before["/slow.jpg"]
+
+
+def test_a_url_listed_twice_is_ok_once_and_the_counts_match_the_files(server, tmp_path):
+    """The row that produced a file says ok; its repeats say whose duplicate they are; the summary's
+    ok count is the number of files written."""
+    rows = [("/good/1.jpg", "cats"), ("/good/2.jpg", "cats"), ("/good/1.jpg", "cats"), ("/good/3.jpg", "dogs"),
+            ("/copy-of-1.jpg", "cats"), ("/good/3.jpg", "dogs"), ("/missing.jpg", "dogs"), ("/good/2.jpg", "cats")]
+    lst = tmp_path / "list.csv"
+    lst.write_text("url,label\n" + "".join(f"{server}{p},{label}\n" for p, label in rows))
+    out = tmp_path / "data"
+    r = collect(lst, out, workers=4, timeout=2, retries=0, progress=False)
+    log = list(csv.DictReader(open(out / "collect_log.csv")))
+    assert [row["status"].split(" (")[0] for row in log] == [
+        "ok", "ok", "duplicate of line 2", "ok", "duplicate of line 2", "duplicate of line 5", "http 404",
+        "duplicate of line 3"]
+    files = [p for p in out.rglob("*.jpg")]
+    assert r["status"]["ok"] == len(files) == 3
+    assert r["status"]["duplicate"] == 4 and r["rows"] == len(rows)
+    assert Handler.hits["/good/1.jpg"] == 1  # a repeated url is fetched once
 
 
 def test_bad_url_list_is_a_clear_error(tmp_path):

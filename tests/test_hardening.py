@@ -94,7 +94,7 @@ def test_every_command_survives_the_image_corpus(corpus, tmp_path):
 
     from foldernet.serve import create_app
 
-    with TestClient(create_app(tmp_path / "run")) as client:
+    with TestClient(create_app(tmp_path / "run"), base_url="http://127.0.0.1") as client:
         for rel in k:
             p = data / rel
             if p.is_file() and os.access(p, os.R_OK):

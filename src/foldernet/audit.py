@@ -196,7 +196,8 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, **optio
         if items[i].split != items[j].split:
             a, b = (i, j) if items[i].split == "train" else (j, i)
             findings["leakage"].append({"path": items[b].relpath, "split": items[b].split,
-                                        "duplicate_of": items[a].relpath, "duplicate_split": items[a].split})
+                                        "duplicate_of": items[a].relpath, "duplicate_split": items[a].split,
+                                        "labels": sorted({items[a].label, items[b].label})})
 
     counts = ds.counts()
     imbalance = imbalance_ratio(counts)
@@ -242,16 +243,29 @@ def _audio_findings(rel: str, fp: dict, findings: dict) -> None:
         findings["clipped"].append({"path": rel, "reason": f"{fp['clipped']:.1%} of samples at full scale"})
 
 
+def label_conflicts(report: dict) -> list[list[str]]:
+    """Groups of duplicate files filed under different labels: ``--fix`` moves none of them, since
+    only a person can tell which label is right."""
+    groups = [f["paths"] for f in report["findings"].get("exact_duplicate", []) if len(f["labels"]) > 1]
+    groups += [f["paths"] for f in report["findings"].get("conflict", [])]
+    return [list(g) for g in dict.fromkeys(tuple(sorted(g)) for g in groups)]
+
+
 def files_to_fix(report: dict, kinds: tuple[str, ...] = FIXABLE) -> dict[str, str]:
-    """relpath -> reason for every file ``--fix`` would move (one copy of each duplicate stays)."""
+    """relpath -> reason for every file ``--fix`` would move. Of duplicates with one label, the first
+    copy stays and only the extra copies move; duplicates that carry different labels never move
+    (``label_conflicts`` lists them for a person to decide)."""
+    in_conflict = {p for group in label_conflicts(report) for p in group}
     moves: dict[str, str] = {}
     for kind in kinds:
         for f in report["findings"].get(kind, []):
             if kind == "exact_duplicate":
-                keep_all = len(f["labels"]) > 1  # conflicting labels: none can be trusted
-                for p in (f["paths"] if keep_all else f["paths"][1:]):
-                    moves.setdefault(p, "exact duplicate" + (" with conflicting labels" if keep_all else ""))
+                if len(f["labels"]) == 1:
+                    for p in f["paths"][1:]:
+                        moves.setdefault(p, f"exact duplicate of {f['paths'][0]}")
             elif kind == "leakage":
+                if len(f.get("labels", [])) > 1 or f["path"] in in_conflict:
+                    continue
                 moves.setdefault(f["path"], f"duplicate of {f['duplicate_of']} in {f['duplicate_split']}")
             else:
                 moves.setdefault(f["path"], f"{kind}: {f.get('reason', '')}".strip(": "))

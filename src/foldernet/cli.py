@@ -300,7 +300,7 @@ def audit(
     """Find unreadable, tiny, placeholder, duplicate, leaked and likely mislabelled files."""
     from rich.table import Table
 
-    from .audit import TITLES, audit as _audit, files_to_fix, quarantine
+    from .audit import TITLES, audit as _audit, files_to_fix, label_conflicts, quarantine
     from .params import check, split_list
 
     check("audit", _given({"fix_kinds": fix_kinds}))
@@ -320,6 +320,10 @@ def audit(
     stdout.print(f"report: {out / 'audit.html'}  data: {out / 'audit.json'}")
     if fix:
         moves = files_to_fix(report, tuple(split_list(fix_kinds)) if fix_kinds else FIXABLE)
+        conflicts = label_conflicts(report)
+        if conflicts:
+            stdout.print(f"--fix leaves {len(conflicts)} group(s) of duplicates with different labels in place; "
+                         "decide which label is right, e.g.: " + " vs ".join(conflicts[0][:2]))
         if not moves:
             stdout.print("--fix: nothing to move")
             return
@@ -492,16 +496,30 @@ def export(
 @app.command()
 def serve(
     run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
-    host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)"),
-    port: int = typer.Option(8000),
-    max_upload_mb: float = typer.Option(10.0, help="largest accepted upload"),
+    host: Optional[str] = _opt("serve", "host"),
+    port: Optional[int] = _opt("serve", "port"),
+    max_upload_mb: Optional[float] = _opt("serve", "max_upload_mb"),
+    api_key: Optional[str] = _opt("serve", "api_key", "--api-key"),
+    allow_origin: Optional[List[str]] = typer.Option(None, "--allow-origin",
+                                                     help="a web origin allowed to call the API from a browser "
+                                                          "(CORS); repeatable; default none"),
+    trusted_host: Optional[List[str]] = typer.Option(None, "--trusted-host", help="a Host header to accept "
+                                                     "(repeatable; default: the bound address, or any on 0.0.0.0)"),
+    explorer: bool = _opt("serve", "explorer", "--explorer", default=False),
+    insecure_no_auth: bool = _opt("serve", "insecure_no_auth", "--insecure-no-auth", default=False),
 ) -> None:
     """Web page with upload and a confidence bar chart, plus a JSON API (/predict, /health, /labels, /docs)."""
-    from .serve import Limits
+    from .params import check
+    from .serve import Limits, access_for
     from .serve import serve as _serve
 
-    stdout.print(f"serving {run} on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
-    _serve(run, host=host, port=port, limits=Limits(max_bytes=int(max_upload_mb * 1024 * 1024)))
+    o = check("serve", _given({"host": host, "port": port, "max_upload_mb": max_upload_mb, "api_key": api_key,
+                               "explorer": explorer, "insecure_no_auth": insecure_no_auth}))
+    access = access_for(o["host"], o["api_key"], tuple(allow_origin or ()), o["explorer"], o["insecure_no_auth"],
+                        tuple(trusted_host or ()))
+    where = f"http://{o['host']}:{o['port']}"
+    _serve(run, host=o["host"], port=o["port"], limits=Limits(max_bytes=int(o["max_upload_mb"] * 1024 * 1024)),
+           access=access, on_ready=lambda: stdout.print(f"serving {run} on {where}  (API docs: {where}/docs)"))
 
 
 @app.command()

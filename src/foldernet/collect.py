@@ -168,18 +168,23 @@ def collect(url_list: str | os.PathLike, out: str | os.PathLike, workers: int = 
     log_path = out / LOG_NAME
     previous = _read_log(log_path)
 
-    def done(r: Row) -> bool:
-        st = previous.get((r.url, r.label), {}).get("status", "")
-        return st in DONE or st in PERMANENT or (st.startswith("http 4") and st != "http 429")
+    def done(key: tuple[str, str]) -> bool:
+        st = previous.get(key, {}).get("status", "")
+        return st in DONE or st.startswith("duplicate") or st in PERMANENT or (st.startswith("http 4")
+                                                                                 and st != "http 429")
 
-    todo = [r for r in rows if not done(r)]
+    keys = list(dict.fromkeys((r.url, r.label) for r in rows))  # the same url and label is fetched once
+    first_row = {}
+    for r in rows:
+        first_row.setdefault((r.url, r.label), r)
+    todo = [first_row[k] for k in keys if not done(k)]
     dl = Downloader(out, timeout, retries, int(max_mb * 1024 * 1024), backoff)
     results = dict(previous)
     fields = ["url", "label", "group", "status", "file", "bytes", "attempts"]
     log_lock = threading.Lock()
     new_log = not log_path.exists()
     with open(log_path, "a", newline="", encoding="utf-8") as logf, progress_bar(len(todo), "collect", progress) as bar:
-        writer = csv.DictWriter(logf, fieldnames=fields, lineterminator="\n")
+        writer = csv.DictWriter(logf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
         if new_log:
             writer.writeheader()
 
@@ -194,25 +199,30 @@ def collect(url_list: str | os.PathLike, out: str | os.PathLike, workers: int = 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             list(pool.map(work, todo))
     dl.client.close()
-    # Downloads finish in any order; the first row of the list that holds a file is its "ok", the
-    # later ones are its duplicates, so the log does not depend on which thread won.
-    first: set[str] = set()
-    for r in rows:
-        res = results.get((r.url, r.label))
-        if res and res.get("status") in DONE and res.get("file"):
-            res["status"] = "duplicate" if res["file"] in first else "ok"
-            first.add(res["file"])
-    # rewrite the log with one line per row (the latest status), and the groups file
-    atomic_write_csv(log_path, fields, (results.get((r.url, r.label), {}) | {"url": r.url, "label": r.label}
-                                        for r in rows))
-    groups = {res["file"]: res["group"] for res in (results.get((r.url, r.label), {}) for r in reversed(rows))
-              if res.get("status") in DONE and res.get("file") and res.get("group")}  # the first row's group wins
+    # One log line per row of the list, in its order. The first row that holds a file is "ok"; a later
+    # row with the same file (the url listed again, or other bytes-identical content) says whose
+    # duplicate it is, so the log does not depend on which download thread finished first.
+    per_row: list[dict] = []
+    owner: dict[str, int] = {}
+    for n, r in enumerate(rows, start=2):  # line numbers of the list, its header being line 1
+        res = dict(results.get((r.url, r.label), {}), url=r.url, label=r.label, group=r.group)
+        status = res.get("status", "")
+        if (status in DONE or status.startswith("duplicate")) and res.get("file"):
+            if res["file"] in owner:
+                res["status"] = f"duplicate of line {owner[res['file']]} ({res['file']})"
+            else:
+                res["status"] = "ok"
+                owner[res["file"]] = n
+        per_row.append(res)
+    atomic_write_csv(log_path, fields, per_row)
+    groups = {res["file"]: res["group"] for res in per_row
+              if res.get("status") == "ok" and res.get("group")}  # the group of the row that owns the file
     if groups:
         merge_groups(out, groups)
     counts: dict[str, int] = {}
-    for r in rows:
-        st = results.get((r.url, r.label), {}).get("status", "not tried")
-        key = "http 4xx/5xx" if st.startswith("http ") else st
+    for res in per_row:
+        st = res.get("status") or "not tried"
+        key = "http 4xx/5xx" if st.startswith("http ") else "duplicate" if st.startswith("duplicate") else st
         counts[key] = counts.get(key, 0) + 1
     return {"rows": len(rows), "skipped_as_done": len(rows) - len(todo), "status": counts, "log": str(log_path)}
 

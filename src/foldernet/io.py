@@ -145,11 +145,12 @@ def check_new_output(out: str | os.PathLike, force: bool, kind: str = "run", inp
         raise FoldernetError(f"--force refused: {out} is {'/' if where == Path('/') else 'your home folder' if where == Path.home().resolve() else 'the current folder'}; "
                              "foldernet never replaces it")
     found = marker_kind(out)
+    if found is None:
+        raise FoldernetError(f"--force refused: {out} has no {MARKER} marker, so foldernet cannot tell that it "
+                             "wrote it. Choose another --out, or remove it yourself if you are sure.")
     if found != kind:
-        why = (f"it holds a foldernet {found} output, not a {kind}" if found else
-               f"it has no {MARKER} marker, so foldernet cannot tell that it wrote it")
-        raise FoldernetError(f"--force refused: {out} was not written by foldernet as a {kind} folder ({why}). "
-                             "Choose another --out, or remove it yourself if you are sure.")
+        raise FoldernetError(f"--force refused: {out} holds a foldernet {found} folder, and this command writes "
+                             f"{kind} folders; choose another --out")
     return out
 
 

@@ -33,6 +33,68 @@ class Limits:
     max_wait_ms: float = 4.0
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass
+class Access:
+    """Who may use the server and what it shows. Off loopback, ``api_key`` is required (clients send
+    it as ``X-API-Key``, ``Authorization: Bearer``, or as the password of HTTP Basic, which browsers
+    ask for); ``allow_origins`` enables CORS for those origins only; ``trusted_hosts`` are the Host
+    headers accepted (always the loopback names when bound there); ``explorer`` serves training
+    examples (thumbnails of the training data) to clients."""
+
+    api_key: str | None = None
+    allow_origins: tuple[str, ...] = ()
+    trusted_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
+    explorer: bool = False
+
+
+def access_for(host: str, api_key: str | None = None, allow_origins=(), explorer: bool = False,
+               insecure_no_auth: bool = False, trusted_hosts=()) -> Access:
+    """The access rules for binding ``host``, refusing an unauthenticated bind off loopback."""
+    from .errors import FoldernetError
+
+    api_key = api_key or os.environ.get("FOLDERNET_API_KEY") or None
+    loopback = host in LOOPBACK or host.startswith("127.")
+    if not loopback and not api_key and not insecure_no_auth:
+        raise FoldernetError(f"--host {host} lets other machines in: give --api-key KEY (or set FOLDERNET_API_KEY), "
+                             "or pass --insecure-no-auth if anyone who reaches it may use it")
+    if api_key is not None and len(api_key) < 16:
+        raise FoldernetError("--api-key must be at least 16 characters (e.g. python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(24))')")
+    hosts = tuple(trusted_hosts) or (("127.0.0.1", "localhost", "::1") if loopback else
+                                     ("*",) if host in ("0.0.0.0", "::") else (host, "127.0.0.1", "localhost"))
+    return Access(api_key=api_key, allow_origins=tuple(allow_origins), trusted_hosts=hosts, explorer=explorer)
+
+
+def _presented_key(headers) -> str:
+    import base64
+    import binascii
+
+    if headers.get("x-api-key"):
+        return headers["x-api-key"]
+    auth = headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip()).decode("utf-8", "replace").partition(":")[2]
+        except (binascii.Error, ValueError):
+            return ""
+    return ""
+
+
+def _csp_hash(page: str, tag: str) -> str:
+    import base64
+    import hashlib
+    import re
+
+    body = re.search(f"<{tag}>(.*?)</{tag}>", page, re.S).group(1)
+    return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+
 class UploadError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -47,11 +109,13 @@ def sniff_and_decode(data: bytes, limits: Limits, pixels_fn, audio: bool = False
     if audio:
         from .modality import looks_like_image
 
-        if not looks_like_image(data):
-            try:
-                return pixels_fn(data)
-            except Exception:  # noqa: BLE001
-                raise UploadError(415, "the upload is not a readable audio file (WAV, FLAC, OGG, MP3)") from None
+        if looks_like_image(data):
+            raise UploadError(415, "the upload is an image, and this model classifies sounds: send an audio file "
+                                   "(WAV, FLAC, OGG, MP3)")
+        try:
+            return pixels_fn(data)
+        except Exception:  # noqa: BLE001
+            raise UploadError(415, "the upload is not a readable audio file (WAV, FLAC, OGG, MP3)") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -106,15 +170,19 @@ class ServedModel:
         probs, feats = self.clf.forward(pixel_list)
         return [(probs[i], feats[i] if feats is not None else None) for i in range(len(probs))]
 
-    def answer(self, probs: np.ndarray, feats: np.ndarray | None, top_k: int, similar: int) -> dict:
+    def answer(self, probs: np.ndarray, feats: np.ndarray | None, top_k: int, similar: int,
+               images: bool = False) -> dict:
         order = np.argsort(-probs)[:min(top_k, len(self.labels))]
         top = [{"label": self.labels[i], "probability": round(float(probs[i]), 6)} for i in order]
         f = feats[None] if feats is not None else None
-        out = {"label": top[0]["label"], "confidence": top[0]["probability"],
-               "not_sure": bool(self.clf.not_sure(probs[None], f)[0]), "top": top, "similar": []}
+        reason = self.clf.not_sure_reasons(probs[None], f)[0]
+        out = {"label": top[0]["label"], "confidence": top[0]["probability"], "not_sure": bool(reason),
+               "not_sure_reason": reason, "top": top, "similar": []}
         if similar and f is not None and self.clf.index is not None:
-            out["similar"] = [{"label": n.label, "similarity": round(n.similarity, 4), "path": n.path,
-                               "image": f"/train-image/{n.index}"} for n in self.clf.index.search(f, similar)[0]]
+            # training file names and thumbnails only with the explorer on: they show the training data
+            out["similar"] = [{"label": n.label, "similarity": round(n.similarity, 4),
+                               **({"path": n.path, "image": f"/train-image/{n.index}"} if images else {})}
+                              for n in self.clf.index.search(f, similar)[0]]
         return out
 
     def _examples(self) -> dict[str, list[int]]:
@@ -178,17 +246,61 @@ class MicroBatcher:
             self.items += len(items)
 
 
-def create_app(run: str | os.PathLike, limits: Limits | None = None):
-    from fastapi import FastAPI, File, Query, Request, UploadFile
+def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Access | None = None):
+    import hmac
+
+    from fastapi import File, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi_offline import FastAPIOffline
+    from pydantic import BaseModel
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    class ErrorBody(BaseModel):
+        error: str
+
     limits = limits or Limits()
+    access = access or Access()
     model = ServedModel(run)
     batcher = MicroBatcher(model.run, limits.max_batch, limits.max_wait_ms)
-    app = FastAPI(title="foldernet", version=model.config.foldernet_version,
-                  description=f"Image classifier: {', '.join(model.labels[:20])}")
+    what = "sound" if model.audio is not None else "image"
+    app = FastAPIOffline(title="foldernet", version=model.config.foldernet_version or "0",
+                         description=f"{what.capitalize()} classifier: {', '.join(model.labels[:20])}. "
+                                     + ("Send the API key as X-API-Key." if access.api_key else ""))
+    errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"},
+              500: {"model": ErrorBody, "description": "internal error"}} if access.api_key else \
+        {500: {"model": ErrorBody, "description": "internal error"}}
+    page_csp = ("default-src 'none'; img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self'; "
+                f"script-src {_csp_hash(PAGE, 'script')}; style-src {_csp_hash(PAGE, 'style')}; "
+                "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+    docs_csp = ("default-src 'none'; img-src 'self' data:; connect-src 'self'; script-src 'self' 'unsafe-inline'; "
+                "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'")
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        """Host check, API key (constant time; /health is open), then security headers on every answer."""
+        host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]") if request.headers.get("host") else ""
+        if "*" not in access.trusted_hosts and host not in access.trusted_hosts:
+            response = JSONResponse({"error": "untrusted Host header"}, status_code=400)
+        elif (access.api_key and request.url.path != "/health" and request.method != "OPTIONS"
+              and not hmac.compare_digest(_presented_key(request.headers).encode(), access.api_key.encode())):
+            response = JSONResponse({"error": "missing or wrong API key (send it as X-API-Key)"}, status_code=401,
+                                    headers={"WWW-Authenticate": 'Basic realm="foldernet"'})
+        else:
+            response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["X-Frame-Options"] = "DENY"
+        docs = request.url.path.startswith(("/docs", "/redoc", "/static-offline-docs"))
+        response.headers["Content-Security-Policy"] = docs_csp if docs else (
+            page_csp if request.url.path == "/" else "default-src 'none'; frame-ancestors 'none'")
+        return response
+
+    if access.allow_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(access.allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key", "Authorization", "Content-Type"])
 
     @app.exception_handler(UploadError)
     async def _upload_error(_: Request, exc: UploadError):
@@ -196,7 +308,8 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        # keep the headers the exception carries (a 405 names the allowed methods in Allow)
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
@@ -211,16 +324,16 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
     async def index():
         return HTMLResponse(PAGE)
 
-    @app.get("/health")
+    @app.get("/health", responses={500: errors[500]})
     async def health():
         return {"status": "ok", "backend": model.backend, "classes": len(model.labels),
                 "batches": batcher.batches, "predictions": batcher.items}
 
-    @app.get("/labels")
+    @app.get("/labels", responses=errors)
     async def labels():
         return {"labels": model.labels}
 
-    @app.get("/info")
+    @app.get("/info", responses=errors)
     async def info():
         split = model.metrics.get("reported_split")
         m = model.metrics.get("splits", {}).get(split, {}) if split else {}
@@ -231,14 +344,15 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
             classes.append({"label": c, "train": counts.get("train", {}).get(c), "val": counts.get("val", {}).get(c),
                             "test": counts.get("test", {}).get(c), "precision": pc.get("precision"),
                             "recall": pc.get("recall"), "f1": pc.get("f1"),
-                            "examples": [f"/example/{i}" for i in model.examples.get(c, [])]})
+                            "examples": [f"/example/{i}" for i in model.examples.get(c, [])] if access.explorer
+                            else []})
         return {"backbone": model.config.backbone, "mode": model.config.mode,
                 "backend": model.backend, "metrics": model.config.metrics, "classes": classes,
-                "threshold": model.threshold}
+                "threshold": model.threshold, "explorer": access.explorer}
 
     @app.get("/example/{index}", include_in_schema=False)
     async def example(index: int):
-        if not 0 <= index < len(model.files):
+        if not access.explorer or not 0 <= index < len(model.files):
             return JSONResponse({"error": "no such example"}, status_code=404)
         img = await asyncio.to_thread(thumbnail_jpeg, model.files[index])
         if img is None:
@@ -247,7 +361,7 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
 
     @app.get("/train-image/{index}", include_in_schema=False)
     async def train_image(index: int):
-        index_obj = model.clf.index
+        index_obj = model.clf.index if access.explorer else None
         if index_obj is None or not 0 <= index < len(index_obj.paths):
             return JSONResponse({"error": "no such training image"}, status_code=404)
         img = await asyncio.to_thread(thumbnail_jpeg, model.root / index_obj.paths[index])
@@ -255,8 +369,14 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
             return JSONResponse({"error": "training image unavailable"}, status_code=404)
         return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @app.post("/predict")
-    async def predict(file: UploadFile = File(..., description="an image"),
+    upload_errors = {**errors,
+                     400: {"model": ErrorBody, "description": "the upload is empty"},
+                     413: {"model": ErrorBody, "description": "the upload has too many bytes or pixels"},
+                     415: {"model": ErrorBody, "description": f"the upload is not an {what} this model reads"},
+                     422: {"model": ErrorBody, "description": "a bad parameter, or a file that does not decode"}}
+
+    @app.post("/predict", responses=upload_errors)
+    async def predict(file: UploadFile = File(..., description=f"an {what}"),
                       top_k: int = Query(5, ge=1, le=100), similar: int = Query(0, ge=0, le=20),
                       timeline: bool = Query(False, description="audio: also answer every window (what sounds when)")):
         """Top-k labels with probabilities; ``not_sure`` by the bundle's open-set rule; ``similar``
@@ -266,7 +386,7 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None):
             raise UploadError(413, f"upload is larger than {limits.max_bytes // (1024 * 1024)} MB")
         pixels = await asyncio.to_thread(sniff_and_decode, data, limits, model.pixels, model.audio is not None)
         probs, feats = await batcher.submit(pixels)
-        answer = await asyncio.to_thread(model.answer, probs, feats, top_k, similar)
+        answer = await asyncio.to_thread(model.answer, probs, feats, top_k, similar, access.explorer)
         if model.audio is not None and pixels.shape[0] >= 1:
             answer["spectrogram"] = await asyncio.to_thread(_spectrogram_uri, data, model.audio)
             if timeline and answer["spectrogram"]:  # a sound, not an image sent to a sound model
@@ -291,11 +411,16 @@ def _spectrogram_uri(data: bytes, cfg) -> str | None:
     return "data:image/png;base64," + base64.b64encode(spectrogram_png(data, cfg)).decode()
 
 
-def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:
+def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
+          access: Access | None = None, on_ready=None) -> None:
+    """Load and check the model, then listen; ``on_ready`` is called once the app is built (the CLI
+    prints the address then, so a damaged bundle never shows "serving on")."""
     import uvicorn
 
-    app = create_app(run, limits)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = create_app(run, limits, access or access_for(host))
+    if on_ready is not None:
+        on_ready()
+    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
 
 
 PAGE = """<!doctype html>
@@ -312,7 +437,7 @@ PAGE = """<!doctype html>
  #chart{flex:1;min-width:260px} .bar{display:flex;align-items:center;gap:8px;margin:6px 0}
  .bar .name{width:140px;text-align:right;font-size:14px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
  .bar .track{flex:1;background:#e8ecf1;border-radius:4px;height:20px}
- .bar .fill{background:#457b9d;height:20px;border-radius:4px} .bar.top .fill{background:#e63946}
+ .bar .fill{display:block;background:#457b9d;height:20px;border-radius:4px} .bar.top .fill{background:#e63946}
  .bar .val{width:58px;font-variant-numeric:tabular-nums;font-size:13px}
  #verdict{font-size:18px;margin:4px 0 8px} .unsure{color:#b5651d;font-weight:600}
  #error{color:#b00020} table{border-collapse:collapse;width:100%;font-size:14px}
@@ -355,11 +480,11 @@ async function send(file){
     const r = await fetch('/predict?top_k=5&similar=4' + (isImage ? '' : '&timeline=true'), {method:'POST', body});
     const j = await r.json();
     if(!r.ok){ $('chart').innerHTML=''; $('error').textContent=j.error||('error '+r.status); return; }
-    let html = '<div id="verdict">' + (j.not_sure ? '<span class="unsure">not sure</span> — best guess: ' : '')
+    let html = '<div id="verdict">' + (j.not_sure ? '<span class="unsure">not sure ('+esc(j.not_sure_reason||'')+')</span> — best guess: ' : '')
       + '<b>' + esc(j.label) + '</b> ' + pct(j.confidence) + '</div>';
     for(const [i,t] of j.top.entries()){
       html += '<div class="bar'+(i===0?' top':'')+'"><span class="name" title="'+esc(t.label)+'">'+esc(t.label)+'</span>'
-        + '<span class="track"><span class="fill" style="display:block;width:'+(100*t.probability).toFixed(1)+'%"></span></span>'
+        + '<span class="track"><span class="fill" data-w="'+(100*t.probability).toFixed(1)+'"></span></span>'
         + '<span class="val">'+pct(t.probability)+'</span></div>';
     }
     if(j.spectrogram){ img.src=j.spectrogram; img.style.display='block'; img.alt='spectrogram'; }
@@ -370,9 +495,10 @@ async function send(file){
     }
     if(j.similar && j.similar.length){
       html += '<div id="similar"><p>Most similar training images:</p>' + j.similar.map(n =>
-        '<figure><img alt="" src="'+n.image+'"><figcaption>'+esc(n.label)+' '+n.similarity.toFixed(2)+'</figcaption></figure>').join('') + '</div>';
+        '<figure>'+(n.image ? '<img alt="" src="'+n.image+'">' : '')+'<figcaption>'+esc(n.label)+' '+n.similarity.toFixed(2)+'</figcaption></figure>').join('') + '</div>';
     }
     $('chart').innerHTML = html;
+    for(const f of $('chart').querySelectorAll('.fill')){ f.style.width = f.dataset.w + '%'; }  // CSSOM: allowed by the CSP
   }catch(e){ $('chart').innerHTML=''; $('error').textContent='request failed: '+e; }
 }
 $('file').addEventListener('change', e=>send(e.target.files[0]));

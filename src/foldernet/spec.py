@@ -129,7 +129,7 @@ class TrainSpec:
             key = "head_lr" if values["mode"] == "head" else "finetune_lr"
             if options.get(key) is not None and options[key] != lr:
                 raise FoldernetError(f"train: --lr and --{key.replace('_', '-')} disagree; give one")
-            values[key] = table("train")[key].check(lr, "train")
+            values[key] = replace(table("train")[key], name="lr").check(lr, "train")
         if values["mode"] == "head" and values["epochs"] is not None:
             if "max_epochs" in options and options["max_epochs"] != values["epochs"]:
                 raise FoldernetError("train: in head mode --epochs is the head's --max-epochs; give one")
