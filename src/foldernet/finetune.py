@@ -189,30 +189,15 @@ def _dist():
     return 0, 1
 
 
-def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], np.ndarray], pre: Preprocess,
-             cfg: FinetuneConfig, ckpt_dir: Path):
-    """Train the whole network ``net`` (backbone + head, ``head.network``) on (paths, labels) pairs;
-    returns (the best network, history).
-
-    ``ckpt_dir`` holds ``last.safetensors`` + ``optim.pt`` + ``state.json`` after every epoch and
-    ``best.safetensors`` for the best epoch so far.
-    """
+def _optimizer(net, cfg: FinetuneConfig, n_train: int, world: int):
+    """AdamW over layer-decayed groups (the head at ``head_lr_mult``), linear warm-up, cosine decay."""
     import torch
-    from safetensors.torch import load_file, save
-    from sklearn.metrics import f1_score
-    from torch import nn
 
-    rank, world = _dist()
-    torch.manual_seed(cfg.seed)
-    (train_paths, y_train), (val_paths, y_val) = train, val
-    n_classes = net.head.out_features
-    resume, progress, pretrained = cfg.resume, cfg.progress, cfg.pretrained
     groups = param_groups(net, cfg.weight_decay)
     opt = torch.optim.AdamW([{"params": g["params"],
                               "lr": cfg.lr * (cfg.head_lr_mult if g.get("is_head") else g["lr_scale"]),
                               "weight_decay": g.get("weight_decay", cfg.weight_decay)} for g in groups], lr=cfg.lr)
-    steps_per_epoch = max(1, math.ceil(len(train_paths) / (cfg.batch_size * world)))
-    total = steps_per_epoch * cfg.epochs
+    total = max(1, math.ceil(n_train / (cfg.batch_size * world))) * cfg.epochs
     warm = max(1, int(cfg.warmup_frac * total))
 
     def schedule(step: int) -> float:
@@ -220,7 +205,132 @@ def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], n
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return groups, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def _validate(net, val_ds, y_val: np.ndarray, batch_size: int) -> tuple[float, float, float]:
+    """(accuracy, macro-F1, loss) on the validation clips or images, scored as predict scores them."""
+    import torch
+    from sklearn.metrics import f1_score
+    from torch import nn
+
+    if not len(val_ds):
+        return (float("nan"),) * 3
+    net.eval()
+    preds, losses = [], []
+    with torch.inference_mode():
+        for i in range(0, len(val_ds), batch_size):
+            # an image is one input; a sound is all its windows, whose logits are averaged as in predict
+            items = [val_ds[j][0] for j in range(i, min(i + batch_size, len(val_ds)))]
+            items = [x if x.dim() == 4 else x[None] for x in items]
+            out = torch.cat([net(chunk) for chunk in torch.cat(items).split(batch_size)])
+            logits = torch.stack([part.mean(0) for part in out.split([len(x) for x in items])])
+            ys = torch.from_numpy(y_val[i:i + len(items)]).long()
+            losses.append(float(nn.functional.cross_entropy(logits, ys)) * len(items))
+            preds.append(logits.argmax(1).numpy())
+    pred = np.concatenate(preds)
+    return float(np.mean(pred == y_val)), float(f1_score(y_val, pred, average="macro")), sum(losses) / len(val_ds)
+
+
+def _sampler(cfg: FinetuneConfig, train_ds, y_train: np.ndarray, n_classes: int, epoch: int, rank: int, world: int):
+    """Order (and balance) of one epoch: depends on (seed, epoch) only, so a resumed run repeats it."""
+    import torch
+
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    if cfg.balance == "sampler":
+        counts = np.bincount(y_train, minlength=n_classes).astype(float)
+        return torch.utils.data.WeightedRandomSampler(1.0 / counts[y_train], len(y_train), replacement=True,
+                                                      generator=g)
+    if world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed)
+        sampler.set_epoch(epoch)
+        return sampler
+    return torch.utils.data.RandomSampler(train_ds, generator=g)
+
+
+def _train_epoch(model, net, loader, opt, sched, loss_fn, cfg: FinetuneConfig, title: str, show: bool) -> tuple:
+    """One pass over the training data; BatchNorm statistics stay frozen for a pretrained backbone."""
+    from torch import nn
+
+    net.train()
+    if cfg.freeze_bn and cfg.pretrained:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    total_loss, seen = 0.0, 0
+    with progress_bar(len(loader), title, show) as bar:
+        for xs, ys in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xs), ys)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += loss.item() * len(xs)
+            seen += len(xs)
+            bar.advance(1)
+            bar.update(info=f"loss {total_loss / seen:.3f}")
+    return total_loss / max(1, seen)
+
+
+class _Checkpoint:
+    """``last.safetensors`` + ``optim.pt`` + ``state.json`` after every epoch, ``best.safetensors`` for
+    the best so far; every file written atomically, so a kill at any moment can resume."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.state_file = folder, folder / "state.json"
+
+    def restore(self, net, opt, sched) -> dict | None:
+        import torch
+        from safetensors.torch import load_file
+
+        if not self.state_file.exists():
+            return None
+        state = json.loads(self.state_file.read_text())
+        net.load_state_dict(load_file(str(self.folder / "last.safetensors")))
+        saved = torch.load(self.folder / "optim.pt", map_location="cpu", weights_only=True)
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        return state
+
+    def save_weights(self, net, name: str) -> None:
+        from safetensors.torch import save
+
+        atomic_write_bytes(self.folder / name, save({k: v.detach().contiguous() for k, v in net.state_dict().items()}))
+
+    def save_epoch(self, net, opt, sched, improved: bool) -> None:
+        import io
+
+        import torch
+
+        if improved:
+            self.save_weights(net, "best.safetensors")
+        self.save_weights(net, "last.safetensors")
+        buf = io.BytesIO()
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, buf)
+        atomic_write_bytes(self.folder / "optim.pt", buf.getvalue())
+
+    def save_state(self, **state) -> None:
+        atomic_write_json(self.state_file, state)
+
+    def load_best(self, net) -> None:
+        from safetensors.torch import load_file
+
+        if (self.folder / "best.safetensors").exists():
+            net.load_state_dict(load_file(str(self.folder / "best.safetensors")))
+
+
+def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], np.ndarray], pre: Preprocess,
+             cfg: FinetuneConfig, ckpt_dir: Path):
+    """Train the whole network ``net`` (backbone + head, ``head.network``) on (paths, labels) pairs;
+    returns (the best network, history). Checkpoints in ``ckpt_dir`` (see ``_Checkpoint``)."""
+    import torch
+    from torch import nn
+
+    rank, world = _dist()
+    torch.manual_seed(cfg.seed)
+    (train_paths, y_train), (val_paths, y_val) = train, val
+    groups, opt, sched = _optimizer(net, cfg, len(train_paths), world)
     weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights and cfg.balance == "weights" \
         else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
@@ -228,46 +338,20 @@ def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], n
                              cfg.audio, cfg.augment, pre, train=True)
     val_ds = FolderDataset(val_paths, y_val, build_transform(pre, "none", False), pre.resize_size,
                            cfg.audio, "none", pre, train=False)
-
+    ckpt = _Checkpoint(ckpt_dir)
     history: list[dict] = []
     start_epoch, best_f1, stale = 0, -1.0, 0
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state_file = ckpt_dir / "state.json"
-    if resume and state_file.exists():
-        state = json.loads(state_file.read_text())
-        net.load_state_dict(load_file(str(ckpt_dir / "last.safetensors")))
-        saved = torch.load(ckpt_dir / "optim.pt", map_location="cpu", weights_only=True)
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
+    state = ckpt.restore(net, opt, sched) if cfg.resume else None
+    if state:
         start_epoch, best_f1, stale, history = state["epoch"], state["best_f1"], state["stale"], state["history"]
         if rank == 0:
             console.print(f"resuming after epoch {start_epoch} (best val macro-F1 {best_f1:.4f})")
     model, model_stage = net, None
-
-    def evaluate() -> tuple[float, float, float]:
-        net.eval()
-        preds, losses = [], []
-        with torch.inference_mode():
-            for i in range(0, len(val_ds), cfg.batch_size):
-                # an image is one input; a sound is all its windows, whose logits are averaged as in predict
-                items = [val_ds[j][0] for j in range(i, min(i + cfg.batch_size, len(val_ds)))]
-                items = [x if x.dim() == 4 else x[None] for x in items]
-                out = torch.cat([net(chunk) for chunk in torch.cat(items).split(cfg.batch_size)])
-                logits = torch.stack([part.mean(0) for part in out.split([len(x) for x in items])])
-                ys = torch.from_numpy(y_val[i:i + len(items)]).long()
-                losses.append(float(nn.functional.cross_entropy(logits, ys)) * len(items))
-                preds.append(logits.argmax(1).numpy())
-        pred = np.concatenate(preds) if preds else np.array([], int)
-        acc = float(np.mean(pred == y_val)) if len(pred) else float("nan")
-        f1 = float(f1_score(y_val, pred, average="macro")) if len(pred) else float("nan")
-        return acc, f1, sum(losses) / max(1, len(val_ds))
-
-    stage1_epochs = int(round(cfg.stage1_frac * cfg.epochs)) if pretrained else 0
-    if start_epoch == 0 and pretrained and len(val_ds) and rank == 0:
+    stage1_epochs = int(round(cfg.stage1_frac * cfg.epochs)) if cfg.pretrained else 0
+    if start_epoch == 0 and cfg.pretrained and len(val_ds) and rank == 0:
         # the head-only model is the baseline: fine-tuning keeps it unless an epoch beats it
-        _, best_f1, _ = evaluate()
-        atomic_write_bytes(ckpt_dir / "best.safetensors",
-                           save({k: v.detach().contiguous() for k, v in net.state_dict().items()}))
+        _, best_f1, _ = _validate(net, val_ds, y_val, cfg.batch_size)
+        ckpt.save_weights(net, "best.safetensors")
         console.print(f"before fine-tuning: val macro-F1 {best_f1:.4f}")
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -276,61 +360,23 @@ def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], n
         if world > 1 and model_stage != stage:  # DDP tracks the parameters that train: rewrap per stage
             model, model_stage = nn.parallel.DistributedDataParallel(net), stage
         torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation and order depend on (seed, epoch) only
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        if cfg.balance == "sampler":
-            counts = np.bincount(y_train, minlength=n_classes).astype(float)
-            w = 1.0 / counts[y_train]
-            sampler = torch.utils.data.WeightedRandomSampler(w, len(w), replacement=True, generator=g)
-        elif world > 1:
-            sampler = torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, shuffle=True,
-                                                                      seed=cfg.seed)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = torch.utils.data.RandomSampler(train_ds, generator=g)
-        loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
-                                             num_workers=cfg.workers, drop_last=False)
-        net.train()
-        if cfg.freeze_bn and pretrained:
-            for m in net.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        total_loss, seen = 0.0, 0
-        with progress_bar(len(loader), f"epoch {epoch + 1}/{cfg.epochs} (stage {stage})", progress and rank == 0) as bar:
-            for xs, ys in loader:
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xs), ys)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total_loss += loss.item() * len(xs)
-                seen += len(xs)
-                bar.advance(1)
-                bar.update(info=f"loss {total_loss / seen:.3f}")
-        acc, f1, vloss = evaluate() if len(val_ds) else (float("nan"),) * 3
-        row = {"epoch": len(history) + 1, "stage": stage, "train_loss": total_loss / max(1, seen), "val_loss": vloss,
-               "val_acc": acc, "val_macro_f1": f1, "lr": opt.param_groups[-1]["lr"],
-               "seconds": round(time.perf_counter() - t0, 2)}
-        history.append(row)
+        loader = torch.utils.data.DataLoader(
+            train_ds, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=False,
+            sampler=_sampler(cfg, train_ds, y_train, net.head.out_features, epoch, rank, world))
+        train_loss = _train_epoch(model, net, loader, opt, sched, loss_fn, cfg,
+                                  f"epoch {epoch + 1}/{cfg.epochs} (stage {stage})", cfg.progress and rank == 0)
+        acc, f1, vloss = _validate(net, val_ds, y_val, cfg.batch_size)
+        history.append({"epoch": len(history) + 1, "stage": stage, "train_loss": train_loss, "val_loss": vloss,
+                        "val_acc": acc, "val_macro_f1": f1, "lr": opt.param_groups[-1]["lr"],
+                        "seconds": round(time.perf_counter() - t0, 2)})
         improved = not len(val_ds) or f1 > best_f1 + 1e-6
         if rank == 0:
-            console.print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}  val acc {acc:.4f}  "
+            console.print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  val acc {acc:.4f}  "
                           f"val macro-F1 {f1:.4f}" + ("  (best)" if improved else ""))
-            tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-            if improved:
-                atomic_write_bytes(ckpt_dir / "best.safetensors", save(tensors))
-            atomic_write_bytes(ckpt_dir / "last.safetensors", save(tensors))
-            import io
-
-            buf = io.BytesIO()
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, buf)
-            atomic_write_bytes(ckpt_dir / "optim.pt", buf.getvalue())
-        if improved:
-            best_f1, stale = (f1 if len(val_ds) else best_f1), 0
-        else:
-            stale += 1
+            ckpt.save_epoch(net, opt, sched, improved)
+        best_f1, stale = ((f1 if len(val_ds) else best_f1), 0) if improved else (best_f1, stale + 1)
         if rank == 0:
-            atomic_write_json(state_file, {"epoch": epoch + 1, "best_f1": best_f1, "stale": stale,
-                                           "history": history})
+            ckpt.save_state(epoch=epoch + 1, best_f1=best_f1, stale=stale, history=history)
         if world > 1:
             import torch.distributed as dist
 
@@ -339,8 +385,6 @@ def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], n
             if rank == 0:
                 console.print(f"early stop: no val macro-F1 gain for {cfg.patience} epochs")
             break
-    best = ckpt_dir / "best.safetensors"
-    if best.exists():
-        net.load_state_dict(load_file(str(best)))
+    ckpt.load_best(net)
     net.eval()
     return net, history

@@ -36,14 +36,21 @@ class LinearHead:
         return softmax(self.logits(x) / (self.temperature if calibrated else 1.0))
 
     @classmethod
-    def fit(cls, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None,
-            n_classes: int, class_weights: np.ndarray | None = None, seed: int = 0, max_epochs: int = 200,
-            patience: int = 15, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 64,
+    def fit(cls, x_train: np.ndarray, y_train: np.ndarray, val: tuple[np.ndarray, np.ndarray] | None, n_classes: int,
+            spec=None, class_weights: np.ndarray | None = None, seed: int = 0, max_epochs: int | None = None,
             progress: bool = True) -> "LinearHead":
-        """AdamW on the features; keeps the epoch with the best validation loss (the training loss
-        without a validation split). Features are cached, so this takes seconds for thousands."""
+        """AdamW on the features (settings from ``spec``, a ``spec.HeadSpec``); keeps the epoch with the
+        best validation loss (the training loss without ``val``); ``max_epochs`` overrides the spec's (a
+        refit trains exactly that many). Features are cached, so this takes seconds for thousands."""
         import torch
         from torch import nn
+
+        from .spec import HeadSpec
+
+        spec = spec or HeadSpec()
+        x_val, y_val = val if val is not None else (None, None)
+        max_epochs, patience, lr = max_epochs or spec.max_epochs, spec.patience, spec.head_lr
+        weight_decay, batch_size = spec.weight_decay, spec.batch_size
 
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)

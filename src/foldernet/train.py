@@ -110,12 +110,12 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
         metrics.update({"history": head.history if spec.model.mode == "head" else heads["test"].history,
                         "skipped": skipped, **({"refit": refit} if refit else {}),
                         **({"head_history": head_history} if spec.model.mode == "finetune" else {})})
-        config = bundle_config(spec, encoder, ds, rows, heads["test"], thresholds, label_map, leaks, balance,
-                               refit, metrics, data)
+        facts = {"label_map": label_map, "leaks": leaks, "balance": balance, "refit": refit}
+        config = bundle_config(spec, encoder, ds, rows, heads["test"], thresholds, facts, metrics)
         timings["total"] = time.perf_counter() - t0
         metrics["timings"] = timings
-        write_run(tmp, encoder, heads["test"], config, metrics, ds, feats.vectors, fit_rows, pred_rows, skipped,
-                  title=final_out.name, data=data, report=spec.run.report)
+        write_run(tmp, encoder, heads["test"], config, metrics, ds, (feats.vectors, fit_rows), pred_rows,
+                  title=final_out.name, report=spec.run.report)
     if rank > 0:
         import shutil
 
@@ -223,15 +223,13 @@ def fit_head(vectors: np.ndarray, rows: Rows, spec: TrainSpec, weights: np.ndarr
              fit_rows: np.ndarray | None = None, epochs: int | None = None) -> LinearHead:
     """The linear head on the training rows, early-stopped on val (or, for a refit, on ``fit_rows``
     for a fixed number of ``epochs``)."""
-    h = spec.head
+    val = None
     if fit_rows is None:
-        x_val, y_val, fit_rows = rows.x(vectors, "val"), rows.y[rows.sel["val"]], rows.sel["train"]
-    else:
-        x_val = y_val = None
-    return LinearHead.fit(vectors[fit_rows], rows.y[fit_rows], x_val, y_val, len(rows.labels), class_weights=weights,
-                          seed=spec.split.seed, max_epochs=epochs or h.max_epochs, patience=h.patience,
-                          lr=h.head_lr, weight_decay=h.weight_decay, batch_size=h.batch_size,
-                          progress=spec.run.progress)
+        fit_rows = rows.sel["train"]
+        if rows.sel["val"].any():
+            val = (rows.x(vectors, "val"), rows.y[rows.sel["val"]])
+    return LinearHead.fit(vectors[fit_rows], rows.y[fit_rows], val, len(rows.labels), spec.head, class_weights=weights,
+                          seed=spec.split.seed, max_epochs=epochs, progress=spec.run.progress)
 
 
 def finetune_stage(encoder: Encoder, head: LinearHead | None, ds: Dataset, rows: Rows, spec: TrainSpec,
@@ -340,8 +338,10 @@ def score(heads: dict[str, LinearHead], vectors: np.ndarray, rows: Rows, fit_row
 
 
 def bundle_config(spec: TrainSpec, encoder: Encoder, ds: Dataset, rows: Rows, head: LinearHead,
-                  thresholds: Thresholds, label_map: dict | None, leaks: list, balance: dict, refit: dict | None,
-                  metrics: dict, data: Path) -> BundleConfig:
+                  thresholds: Thresholds, facts: dict, metrics: dict) -> BundleConfig:
+    """What the bundle records: the model's input contract, calibration, and ``facts`` found on the way
+    (label_map, leaks, balance, refit)."""
+    label_map, leaks, balance, refit = facts["label_map"], facts["leaks"], facts["balance"], facts["refit"]
     split = metrics["reported_split"]
     summary = {k: v for k, v in (metrics["splits"].get(split) or {}).items()
                if k in ("n", "accuracy", "macro_f1", "top3", "top5")}
@@ -369,20 +369,22 @@ def bundle_config(spec: TrainSpec, encoder: Encoder, ds: Dataset, rows: Rows, he
         leakage={"held_out_duplicates": len(leaks), "allowed": spec.split.allow_leakage,
                  "examples": [list(p) for p in leaks[:20]]},
         balance=balance,
-        data={"root": data.as_posix(), "predefined_split": ds.predefined_split,
+        data={"root": ds.root.as_posix(), "predefined_split": ds.predefined_split,
               "counts": split_counts(ok_items, rows.labels), "skipped": len(metrics["skipped"])},
         training=training, engine=spec.model.engine, metrics={"split": split, **summary},
         spec=spec.to_dict(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), platform=platform.platform())
 
 
 def write_run(run: Path, encoder: Encoder, head: LinearHead, config: BundleConfig, metrics: dict, ds: Dataset,
-              vectors: np.ndarray, fit_rows: np.ndarray, pred_rows: list[dict], skipped: list, title: str,
-              data: Path, report: bool = True) -> None:
-    """The bundle (weights, config, metrics, splits, similar-example index) and the run's CSVs,
-    curves and report, all into the staging folder."""
+              index: tuple[np.ndarray, np.ndarray], pred_rows: list[dict], title: str, report: bool = True) -> None:
+    """The bundle (weights, config, metrics, splits, the similar-example ``index``: all vectors and
+    the rows it holds) and the run's CSVs, curves and report, all into the staging folder."""
+    vectors, fit_rows = index
+    skipped = metrics["skipped"]
     split = metrics["reported_split"]
     if split:
-        plot_confusion_matrix(metrics["splits"][split], run / "confusion_matrix.png", title=f"{data.name}: {split} split")
+        plot_confusion_matrix(metrics["splits"][split], run / "confusion_matrix.png",
+                              title=f"{ds.root.name}: {split} split")
     save_bundle(run / "model", encoder.model, head, config, metrics)
     write_splits_csv(ds.items, run / "model" / "splits.csv")
     idx = np.flatnonzero(fit_rows)
