@@ -18,11 +18,36 @@ def dataset(relpath: str, what: str = "") -> Path | None:
     return None
 
 
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def record(rows: list[dict], cols: list[str], name: str) -> None:
+    """Replace this benchmark's section of benchmarks/RESULTS.md with the new table (with the date
+    and machine), so the figures that code and docs quote live in one regenerated place."""
+    import os
+    import platform
+    import re
+    import time
+
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    table += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    cmd = f"python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}".strip()
+    section = (f"## {name}\n\n`{cmd}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
+               f"{platform.machine()}\n\n" + "\n".join(table) + "\n")
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    RESULTS.write_text(text, encoding="utf-8")
+
+
 def print_table(rows: list[dict], cols: list[str], name: str) -> None:
-    """A plain aligned table, then one JSON line per row tagged with the benchmark's name."""
+    """A plain aligned table, then one JSON line per row tagged with the benchmark's name; the table
+    is also recorded in benchmarks/RESULTS.md."""
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print(json.dumps({"benchmark": name, **r}))
+    record(rows, cols, name)

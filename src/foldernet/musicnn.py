@@ -3,9 +3,8 @@
 ImageNet backbones see a spectrogram as a picture. musicnn (Pons & Serra, ISMIR 2019) was trained on
 spectrograms of music to tag it (MagnaTagATune: guitar, piano, strings, flute, voice, synth, drums…;
 or the Million Song Dataset), with filters shaped for timbre (tall, 38 and 67 mel bands) and for time
-(long, up to 4 s). On instrument notes of unseen instruments its pooled features beat
-ImageNet's by 13 points (58.9 % vs 45.7 %; with spectrogram statistics 59.9 % vs 54.0 %,
-benchmarks/audio.py).
+(long, up to 4 s). On instrument notes of unseen instruments its pooled features beat ImageNet's
+clearly (benchmarks/RESULTS.md).
 
 Its weights ship inside the PyPI package ``musicnn`` (ISC licence) as TensorFlow checkpoints. That
 package pins TensorFlow 1 and numpy<1.17, so it installs without its dependencies
@@ -172,8 +171,8 @@ def create_musicnn_model(n_mels: int = N_MELS, filters: float = 1.6, midend: int
             self.register_buffer("features_limit", torch.tensor(float("inf")))
 
         def fit_standardisation(self, features: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
-            """The pooled maps range from about 0 to 100; a linear head on them as they are did 10 points
-            worse on unseen instruments than on their z-scores (benchmarks/audio.py)."""
+            """The pooled maps range from about 0 to 100; a linear head did clearly worse on them as they
+            are than on their z-scores (benchmarks/RESULTS.md)."""
             from .spectrogram_stats import STATS_MIN_STD, fit_standardisation
 
             # the floor also keeps the many near-constant maps (std ~1e-6) from magnifying rounding noise

@@ -161,8 +161,12 @@ class ServedModel:
         self.labels: list[str] = list(self.config.labels)
         self.threshold = self.config.threshold
         self.root = Path(self.config.data.get("root", ""))
-        metrics_path = self.model_dir / "metrics.json"
-        self.metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
+        try:  # metrics only fill /info: a missing or damaged file leaves it without them
+            self.metrics = json.loads((self.model_dir / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.metrics = {}
+        if not isinstance(self.metrics, dict):
+            self.metrics = {}
         self.examples = self._examples()
 
     def run(self, pixel_list: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]]:

@@ -49,8 +49,8 @@ def add_spectrogram_stats(backbone, size: int):
     used see its time course and spectral envelope: per time segment, the mean level of 64 bands, the
     mean and spread of 20 cepstral coefficients (MFCC-like), the loudness envelope and the spectral
     flux. Training standardises them (``fit_standardisation``, buffers saved with the model) to half
-    unit scale, so neither block swamps the other in the head or in similar-example search. On
-    instrument notes of unseen instruments they added about 8 points (benchmarks/audio.py).
+    unit scale, so neither block swamps the other in the head or in similar-example search. They
+    help on instrument notes of unseen instruments (benchmarks/RESULTS.md).
     Everything is a fixed matrix product on the (B, 3, S, S) input, so the model exports to ONNX as is.
     """
     import torch
