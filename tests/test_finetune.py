@@ -39,14 +39,17 @@ def test_finetune_improves_over_head(small_digits, tmp_path):
     assert stages[0] == 1 and stages[-1] == 2  # progressive unfreezing happened
     assert (tmp_path / "ft" / "curves.png").exists()
     assert list((tmp_path / "ft" / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "ft" / "checkpoint").exists()  # the optimizer state is dropped unless asked
     # the fine-tuned bundle predicts like it evaluated
     model = foldernet.load(tmp_path / "ft", engine="torch")
     assert model.predict(sorted((small_digits / "1_one").glob("*.png"))[:1])[0].label
 
 
 def test_scratch_cnn_trains_from_random_weights(small_digits, tmp_path):
-    result = foldernet.train(small_digits, out=tmp_path / "scratch", backbone="scratch", epochs=8, **SMALL)
+    result = foldernet.train(small_digits, out=tmp_path / "scratch", backbone="scratch", epochs=8,
+                             keep_checkpoint=True, **SMALL)
     assert result.config["weights_source"] == "random init" and result.config["mode"] == "finetune"
+    assert (tmp_path / "scratch" / "checkpoint" / "best.safetensors").is_file()  # kept, as asked
     assert result.metrics["splits"]["val"]["accuracy"] > 0.3  # chance is 0.1
 
 

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, Dataset, scan, thumbnail_data_uri
+from .data import Dataset, scan, thumbnail_data_uri
 from .dedup import (NEAR_DUP_MAX_BITS, NEAR_DUP_MIN_COSINE, NEAR_DUP_STRONG_BITS,  # noqa: F401
                     NEAR_DUP_STRONG_MIN_COSINE, clusters, near_duplicate_pairs)
-from .fingerprint import is_low_information
+from .modality import MAX_ASPECT, TINY_MIN_SIDE, media_extensions, modality, modality_of
 from .head import imbalance_ratio
 from .params import FIXABLE
 from .io import atomic_write_json, atomic_write_text, staged_dir
@@ -46,8 +46,6 @@ from .progress import console
 
 CONFIDENT_OTHER_MAX_GIVEN = 0.2      # label issue: out-of-fold p(given label) at most this...
 CONFIDENT_OTHER_MIN_SUGGESTED = 0.8  # ...while another class gets at least this
-TINY_MIN_SIDE = 32
-MAX_ASPECT = 5.0
 EXTENSION_FORMATS = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".png": {"PNG"}, ".gif": {"GIF"},
                      ".bmp": {"BMP", "DIB"}, ".webp": {"WEBP"}, ".tif": {"TIFF"}, ".tiff": {"TIFF"}}
 
@@ -129,10 +127,8 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, **optio
     fps = [fp if feats.ok[i] else None for i, fp in enumerate(feats.fingerprints)]
 
     findings: dict[str, list[dict]] = defaultdict(list)
-    from .audio import AUDIO_EXTENSIONS
-
     for rel, reason in ds.skipped:
-        if Path(rel).suffix.lower() in IMAGE_EXTENSIONS | AUDIO_EXTENSIONS or "image" in reason:
+        if Path(rel).suffix.lower() in media_extensions() or "image" in reason:
             findings["unreadable"].append({"path": rel, "reason": reason})
     for i, reason in sorted(feats.errors.items()):
         findings["unreadable"].append({"path": items[i].relpath, "reason": reason})
@@ -149,17 +145,11 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, **optio
             findings["wrong_type"].append({"path": it.relpath, "reason": f"{ext} file holds {fmt} data"})
         if fp is None:
             continue
-        if fp.get("kind") == "audio":
-            _audio_findings(it.relpath, fp, findings)
+        kind = modality_of(it.path) or modality(ds.kind)
+        for finding, entry in kind.file_findings(it.relpath, fp):
+            findings[finding].append(entry)
+        if kind.kind != "image":
             continue
-        w, h = fp["w"], fp["h"]
-        if min(w, h) < TINY_MIN_SIDE:
-            findings["tiny"].append({"path": it.relpath, "reason": f"{w}x{h} px (< {TINY_MIN_SIDE} on a side)"})
-        if max(w, h) / max(1, min(w, h)) > MAX_ASPECT:
-            findings["extreme_aspect"].append({"path": it.relpath, "reason": f"{w}x{h} (aspect > {MAX_ASPECT:g}:1)"})
-        if is_low_information(fp):
-            findings["low_information"].append({"path": it.relpath, "reason": f"{fp['colours']} colours, one covers "
-                                                f"{fp['dominant']:.0%}: a placeholder or blank image?"})
         counts = by_class_format[it.label]
         total = sum(counts.values())
         major, n_major = counts.most_common(1)[0] if counts else (None, 0)
@@ -167,11 +157,8 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, **optio
             findings["unusual_type"].append({"path": it.relpath, "reason": f"a {fmt} among {n_major} {major} files "
                                              f"of class '{it.label}': a scraped placeholder?"})
 
-    rates = Counter(fp["sample_rate"] for fp in fps if fp and fp.get("kind") == "audio")
-    if len(rates) > 1:
-        findings["mixed_sample_rates"].append({"path": "(dataset)", "reason": ", ".join(
-            f"{n} files at {r} Hz" for r, n in rates.most_common()) + "; all are resampled to "
-            f"{audio_cfg.sample_rate} Hz, but a rate that follows the label is a shortcut the model can learn"})
+    for finding, entry in modality(ds.kind).dataset_findings([fp for fp in fps if fp], audio_cfg):
+        findings[finding].append(entry)
     # exact duplicates
     groups: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(feats.hashes):
@@ -229,20 +216,6 @@ def audit(data: str | os.PathLike, out: str | os.PathLike | None = None, **optio
     return report
 
 
-SILENT_DBFS = -60.0
-CLIPPED_FRACTION = 0.01
-TOO_SHORT_SECONDS = 0.1
-
-
-def _audio_findings(rel: str, fp: dict, findings: dict) -> None:
-    if fp["seconds"] < TOO_SHORT_SECONDS:
-        findings["too_short"].append({"path": rel, "reason": f"{fp['seconds']:.3f} s long (< {TOO_SHORT_SECONDS} s)"})
-    if fp["rms_dbfs"] < SILENT_DBFS:
-        findings["silent"].append({"path": rel, "reason": f"RMS {fp['rms_dbfs']:.1f} dBFS (< {SILENT_DBFS:g})"})
-    if fp["clipped"] > CLIPPED_FRACTION:
-        findings["clipped"].append({"path": rel, "reason": f"{fp['clipped']:.1%} of samples at full scale"})
-
-
 def label_conflicts(report: dict) -> list[list[str]]:
     """Groups of duplicate files filed under different labels: ``--fix`` moves none of them, since
     only a person can tell which label is right."""
@@ -257,18 +230,18 @@ def files_to_fix(report: dict, kinds: tuple[str, ...] = FIXABLE) -> dict[str, st
     (``label_conflicts`` lists them for a person to decide)."""
     in_conflict = {p for group in label_conflicts(report) for p in group}
     moves: dict[str, str] = {}
-    for kind in kinds:
-        for f in report["findings"].get(kind, []):
-            if kind == "exact_duplicate":
+    for finding in kinds:
+        for f in report["findings"].get(finding, []):
+            if finding == "exact_duplicate":
                 if len(f["labels"]) == 1:
                     for p in f["paths"][1:]:
                         moves.setdefault(p, f"exact duplicate of {f['paths'][0]}")
-            elif kind == "leakage":
+            elif finding == "leakage":
                 if len(f.get("labels", [])) > 1 or f["path"] in in_conflict:
                     continue
                 moves.setdefault(f["path"], f"duplicate of {f['duplicate_of']} in {f['duplicate_split']}")
             else:
-                moves.setdefault(f["path"], f"{kind}: {f.get('reason', '')}".strip(": "))
+                moves.setdefault(f["path"], f"{finding}: {f.get('reason', '')}".strip(": "))
     return moves
 
 

@@ -240,7 +240,7 @@ class FeatureExtractor:
             pix, fp = decode_windows(data, self.preprocess, self.audio, hint)
             return h, pix, fp, None
         except Exception as exc:  # noqa: BLE001 - a bad file is reported, never fatal
-            return h, None, None, decode_error(exc, "audio" if self.audio is not None else "image")
+            return h, None, None, decode_error(exc, self.audio)
 
     def __call__(self, sources: Sequence, desc: str = "features", progress: bool = True) -> Features:
         import time

@@ -42,6 +42,21 @@ class Modality:
     def supports_spectrogram_stats(self, mode: str) -> bool:
         return False
 
+    def file_findings(self, rel: str, fp: dict) -> list[tuple[str, dict]]:
+        """Audit findings about one readable input from its fingerprint: (kind, entry) pairs."""
+        return []
+
+    def dataset_findings(self, fps: list[dict], settings) -> list[tuple[str, dict]]:
+        """Audit findings about the dataset as a whole (``settings``: the encoder's audio settings)."""
+        return []
+
+
+TINY_MIN_SIDE = 32        # pixels: an image smaller on a side is too small to learn from
+MAX_ASPECT = 5.0          # a longer image is a banner, a strip or a screenshot
+SILENT_DBFS = -60.0       # a clip quieter than this (RMS) is silence
+CLIPPED_FRACTION = 0.01   # more samples than this at full scale: distorted
+TOO_SHORT_SECONDS = 0.1
+
 
 class ImageModality(Modality):
     kind = "image"
@@ -66,10 +81,25 @@ class ImageModality(Modality):
     def skip_reason(self, fingerprint: dict) -> str | None:
         from .fingerprint import is_low_information
 
-        if fingerprint and is_low_information(fingerprint):
+        if fingerprint and fingerprint.get("kind") is None and is_low_information(fingerprint):
             return (f"looks like a placeholder or blank image ({fingerprint['colours']} colours, one covers "
                     f"{fingerprint['dominant']:.0%}); pass --keep-placeholders to use it")
         return None
+
+
+    def file_findings(self, rel: str, fp: dict) -> list[tuple[str, dict]]:
+        from .fingerprint import is_low_information
+
+        w, h = fp["w"], fp["h"]
+        out = []
+        if min(w, h) < TINY_MIN_SIDE:
+            out.append(("tiny", {"path": rel, "reason": f"{w}x{h} px (< {TINY_MIN_SIDE} on a side)"}))
+        if max(w, h) / max(1, min(w, h)) > MAX_ASPECT:
+            out.append(("extreme_aspect", {"path": rel, "reason": f"{w}x{h} (aspect > {MAX_ASPECT:g}:1)"}))
+        if is_low_information(fp):
+            out.append(("low_information", {"path": rel, "reason": f"{fp['colours']} colours, one covers "
+                                            f"{fp['dominant']:.0%}: a placeholder or blank image?"}))
+        return out
 
 
 class AudioModality(Modality):
@@ -102,6 +132,26 @@ class AudioModality(Modality):
 
     def supports_spectrogram_stats(self, mode: str) -> bool:
         return mode == "head"
+
+    def file_findings(self, rel: str, fp: dict) -> list[tuple[str, dict]]:
+        out = []
+        if fp["seconds"] < TOO_SHORT_SECONDS:
+            out.append(("too_short", {"path": rel, "reason": f"{fp['seconds']:.3f} s long (< {TOO_SHORT_SECONDS} s)"}))
+        if fp["rms_dbfs"] < SILENT_DBFS:
+            out.append(("silent", {"path": rel, "reason": f"RMS {fp['rms_dbfs']:.1f} dBFS (< {SILENT_DBFS:g})"}))
+        if fp["clipped"] > CLIPPED_FRACTION:
+            out.append(("clipped", {"path": rel, "reason": f"{fp['clipped']:.1%} of samples at full scale"}))
+        return out
+
+    def dataset_findings(self, fps: list[dict], settings) -> list[tuple[str, dict]]:
+        from collections import Counter
+
+        rates = Counter(fp["sample_rate"] for fp in fps if fp and "sample_rate" in fp)
+        if len(rates) < 2:
+            return []
+        return [("mixed_sample_rates", {"path": "(dataset)", "reason": ", ".join(
+            f"{n} files at {r} Hz" for r, n in rates.most_common()) + "; all are resampled to "
+            f"{settings.sample_rate} Hz, but a rate that follows the label is a shortcut the model can learn"})]
 
     def training_note(self, backbone: str, mode: str, spectrogram_stats: bool) -> str | None:
         if mode != "head":
@@ -169,13 +219,15 @@ def source_name(source) -> str:
     return "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
 
 
-def decode_error(exc: Exception, what: str = "input") -> str:
-    """A one-line reason for a file that could not be decoded; never a Python object's repr (Pillow
-    names in-memory files '<_io.BytesIO object at 0x...>': the row already names the file)."""
+def decode_error(exc: Exception, audio_cfg=None) -> str:
+    """A one-line reason for a file that could not be decoded by a model of images (or, with
+    ``audio_cfg``, of sounds); never a Python object's repr (Pillow names in-memory files
+    '<_io.BytesIO object at 0x...>': the row already names the file)."""
     import re
 
     if isinstance(exc, FoldernetError):
         return str(exc)
+    what = MODALITIES["audio" if audio_cfg is not None else "image"].kind
     text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))[:120].strip()
     return f"cannot decode {what} ({type(exc).__name__}{': ' + text if text else ''})"
 

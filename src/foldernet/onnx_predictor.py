@@ -92,7 +92,7 @@ class OnnxClassifier(Predictor):
             try:
                 return self.pixels(src), None
             except Exception as exc:  # noqa: BLE001 - a bad input is reported, never fatal
-                return None, decode_error(exc, "audio" if self.audio is not None else "image")
+                return None, decode_error(exc, self.audio)
 
         n = len(sources)
         probs = np.zeros((n, len(self.labels)), np.float32)

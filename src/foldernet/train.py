@@ -160,7 +160,7 @@ def extract_features(encoder: Encoder, ds: Dataset, spec: TrainSpec):
     if not spec.split.keep_placeholders:
         kind = modality(ds.kind)
         for i, fp in enumerate(feats.fingerprints):
-            reason = kind.skip_reason(fp) if feats.ok[i] and fp and fp.get("kind") != "audio" else None
+            reason = kind.skip_reason(fp) if feats.ok[i] and fp else None
             if reason:
                 feats.ok[i] = False
                 skipped.append((ds.items[i].relpath, reason))
