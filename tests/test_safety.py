@@ -165,6 +165,16 @@ def test_truncated_weights_labels_that_do_not_fit_and_a_newer_format_are_named(r
     _one_line_error(proc, "is damaged: model.safetensors cannot be read", "retrain or restore it")
 
 
+def test_export_never_writes_into_a_folder_of_the_users(run_copy, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.int8.onnx").write_bytes(b"the user's own file")
+    before = _digest(mine)
+    with pytest.raises(FoldernetError, match="did not write as an export"):
+        foldernet.export(run_copy, out=mine, force=True)
+    assert _digest(mine) == before
+
+
 def test_a_bundle_in_the_first_format_still_loads(run_copy, digits_dir):
     cfg_path = run_copy / "model" / "config.json"
     cfg = json.loads(cfg_path.read_text())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -186,6 +186,16 @@ def find_model_dir(path: str | os.PathLike) -> Path:
                          "Train one with `foldernet train DATA --out RUN`.")
 
 
+class Batch(NamedTuple):
+    """What a predictor computes for a list of inputs: calibrated probabilities (N, C), the features
+    (N, D; None when the model gives none), which inputs were read, and why each other one was not."""
+
+    probs: np.ndarray
+    features: np.ndarray | None
+    ok: np.ndarray
+    errors: dict[int, str]
+
+
 @dataclass
 class Prediction:
     """Top-k answer for one input. ``error`` is set (and ``top`` empty) when the input was unreadable."""
@@ -226,7 +236,7 @@ class Segment:
 
 class Predictor:
     """The API every predictor shares (torch bundle, ONNX file): subclasses give ``labels``,
-    ``threshold`` and ``predict_batch(sources) -> (probs, features, ok, errors)``."""
+    ``threshold`` and ``predict_batch(sources) -> Batch``."""
 
     labels: list[str]
     threshold: float | None = None
@@ -235,7 +245,7 @@ class Predictor:
     index_dir: Path | None = None
     _index = None
 
-    def predict_batch(self, sources: Sequence, progress: bool = False):
+    def predict_batch(self, sources: Sequence, progress: bool = False) -> Batch:
         raise NotImplementedError
 
     def predict_proba(self, sources: Sequence, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -407,7 +417,7 @@ class Classifier(Predictor):
     def predict_batch(self, sources: Sequence, progress: bool = False):
         f = self.extractor(list(sources), desc="predict", progress=progress)
         vectors = f.vectors if f.ok.any() else np.zeros((len(sources), self.head.dim), np.float32)
-        return self.proba_from_features(vectors), vectors, f.ok, f.errors
+        return Batch(self.proba_from_features(vectors), vectors, f.ok, f.errors)
 
 
 def expand_inputs(inputs) -> list:

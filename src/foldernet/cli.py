@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import logging
 import os
@@ -82,55 +83,49 @@ def _print_train_result(result) -> None:
         stdout.print(f"skipped {len(result.skipped)} file(s): see {result.run_dir / 'skipped.csv'}")
 
 
+# flags whose name differs from the option's (the API keyword); bools become --x/--no-x pairs
+TRAIN_FLAGS = {"label_map_file": "--label-map", "window_seconds": "--window", "use_cache": "--cache/--no-cache"}
+
+
+def _table_command(command: str, fixed: list[inspect.Parameter], flags: dict[str, str]):
+    """Give a ``def f(**given)`` command the signature of its options table (params.py), so typer
+    builds every flag, its help and what it accepts from the table: the CLI declares nothing twice.
+    Each value is None unless given, so defaults live in the table alone."""
+    from .params import TABLES
+
+    def decorate(func):
+        params = list(fixed)
+        for p in TABLES[command]:
+            decl = flags.get(p.name) or (f"{p.flag}/--no-{p.flag[2:]}" if p.kind is bool else p.flag)
+            params.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=_opt(command, p.name, decl), annotation=Optional[p.kind]))
+        func.__signature__ = inspect.Signature(params)
+        func.__annotations__ = {q.name: q.annotation for q in params}
+        return func
+
+    return decorate
+
+
 @app.command()
-def train(
-    data: Path = typer.Argument(..., help="DATA/<class>/<images> or DATA/{train,val,test}/<class>/<images>"),
-    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="run folder to create"),
-    backbone: Optional[str] = _opt("train", "backbone"),
-    weights: Optional[Path] = _opt("train", "weights"),
-    mode: Optional[str] = _opt("train", "mode"),
-    val: Optional[float] = _opt("train", "val"),
-    test: Optional[float] = _opt("train", "test"),
-    seed: Optional[int] = _opt("train", "seed"),
-    balance: Optional[str] = _opt("train", "balance"),
-    epochs: Optional[int] = _opt("train", "epochs"),
-    max_epochs: Optional[int] = _opt("train", "max_epochs"),
-    patience: Optional[int] = _opt("train", "patience"),
-    lr: Optional[float] = typer.Option(None, help="learning rate of the mode's stage: the head's in head mode "
-                                       "(default 1e-3), fine-tuning's in finetune mode (default 1e-4; 3e-3 scratch)"),
-    head_lr: Optional[float] = _opt("train", "head_lr"),
-    finetune_lr: Optional[float] = _opt("train", "finetune_lr"),
-    augment: Optional[str] = _opt("train", "augment"),
-    img_size: Optional[int] = _opt("train", "img_size"),
-    batch_size: Optional[int] = _opt("train", "batch_size"),
-    workers: Optional[int] = _opt("train", "workers"),
-    resume: bool = _opt("train", "resume", "--resume", default=False),
-    keep_checkpoint: bool = _opt("train", "keep_checkpoint", "--keep-checkpoint", default=False),
-    splits: Optional[Path] = _opt("train", "splits"),
-    label_regex: Optional[str] = _opt("train", "label_regex"),
-    group_by: Optional[str] = _opt("train", "group_by"),
-    group_regex: Optional[str] = typer.Option(None, help="shorthand for --group-by regex:PATTERN"),
-    allow_leakage: bool = _opt("train", "allow_leakage", "--allow-leakage", default=False),
-    keep_placeholders: bool = _opt("train", "keep_placeholders", "--keep-placeholders", default=False),
-    label_map: Optional[Path] = _opt("train", "label_map_file", "--label-map"),
-    no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the feature cache"),
-    engine: Optional[str] = _opt("train", "engine"),
-    window: Optional[float] = _opt("train", "window_seconds", "--window"),
-    sample_rate: Optional[int] = _opt("train", "sample_rate"),
-    n_mels: Optional[int] = _opt("train", "n_mels"),
-    spectrogram_stats: bool = _opt("train", "spectrogram_stats", "--spectrogram-stats", default=False),
-    refit: bool = _opt("train", "refit", "--refit", default=False),
-    force: bool = _opt("train", "force", "--force", default=False),
-) -> None:
+@_table_command("train", [
+    inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path, default=typer.Argument(
+        ..., help="DATA/<class>/<images> or DATA/{train,val,test}/<class>/<images>")),
+    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=typer.Option(
+        Path("runs/train"), "--out", "-o", help="run folder to create")),
+    inspect.Parameter("lr", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[float], default=typer.Option(
+        None, help="learning rate of the mode's stage: the head's in head mode (default 1e-3), fine-tuning's in "
+        "finetune mode (default 1e-4; 3e-3 scratch)")),
+    inspect.Parameter("group_regex", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+        None, help="shorthand for --group-by regex:PATTERN")),
+], TRAIN_FLAGS)
+def train(**given) -> None:
     """Train a classifier and write a model bundle to OUT/model."""
-    options = _given(locals(), drop=("data", "out", "group_regex", "label_map", "no_cache", "window"))
     from .train import train as _train
 
+    data, out, group_regex = given.pop("data"), given.pop("out"), given.pop("group_regex")
+    options = {k: v for k, v in given.items() if v is not None}
     if group_regex is not None:
         options["group_by"] = f"regex:{group_regex}"
-    options.update(_given({"label_map_file": label_map, "window_seconds": window}))
-    if no_cache:
-        options["use_cache"] = False
     _print_train_result(_train(data, out, **options))
 
 

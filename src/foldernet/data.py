@@ -132,19 +132,9 @@ def check_image_header(path: Path) -> str | None:
     return None
 
 
-def scan(root: str | os.PathLike, check: bool = True, label_regex: str | None = None,
-         group_regex: str | None = None) -> Dataset:
-    """List labelled image files under ``root``; check each header; report what was skipped and why.
-
-    ``label_regex``/``group_regex``: a regex with one group, matched against the relative path,
-    for flat folders whose labels live in file names.
-    """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FoldernetError(f"data folder not found: {root}. Expected DATA/<class>/<image files>.")
-    root = root.resolve()
-    skipped: list[tuple[str, str]] = []
-    warn: list[str] = []
+def _candidates(root: Path, label_regex: str | None, skipped: list, warn: list):
+    """Every file under ``root`` with its label (its class folder, or ``label_regex`` on its path) and
+    split (from train/val/test folders): ([(file, label, split)], [(class, split, folder)], predefined)."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
     split_dirs = {p: SPLIT_ALIASES[p.name.lower()] for p in subdirs if p.name.lower() in SPLIT_ALIASES}
     predefined = bool(split_dirs) and label_regex is None
@@ -174,6 +164,23 @@ def scan(root: str | os.PathLike, check: bool = True, label_regex: str | None = 
                 class_dirs.append((_nfc(cdir.name), split, cdir))
                 for f in _walk_files(cdir, skipped, root):
                     candidates.append((f, _nfc(cdir.name), split))
+    return candidates, class_dirs, predefined
+
+
+def scan(root: str | os.PathLike, check: bool = True, label_regex: str | None = None,
+         group_regex: str | None = None) -> Dataset:
+    """List labelled image files under ``root``; check each header; report what was skipped and why.
+
+    ``label_regex``/``group_regex``: a regex with one group, matched against the relative path,
+    for flat folders whose labels live in file names.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FoldernetError(f"data folder not found: {root}. Expected DATA/<class>/<image files>.")
+    root = root.resolve()
+    skipped: list[tuple[str, str]] = []
+    warn: list[str] = []
+    candidates, class_dirs, predefined = _candidates(root, label_regex, skipped, warn)
 
     from .audio import AUDIO_EXTENSIONS, check_audio_header
 

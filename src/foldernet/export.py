@@ -19,7 +19,7 @@ import numpy as np
 from . import __version__
 from .bundle import find_model_dir, load
 from .errors import FoldernetError
-from .io import atomic_write_bytes, atomic_write_json, marker_kind, write_marker
+from .io import MARKER, atomic_write_bytes, atomic_write_json, marker_kind, write_marker
 from .progress import console
 
 INT8_MIN_AGREEMENT = 0.99
@@ -106,13 +106,13 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, data: s
     model_dir = find_model_dir(run)
     out = Path(out) if out else model_dir.parent / "export"
     target = out / "model.onnx"
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and marker_kind(out) != "export")):
+        raise FoldernetError(f"--out {out} holds files foldernet did not write as an export (no {MARKER} marker); "
+                             "choose a new or empty folder")
     if target.exists() and not force:
         raise FoldernetError(f"{target} already exists; pass --force to replace it")
-    if target.exists() and marker_kind(out) != "export":
-        raise FoldernetError(f"--force refused: {out} has no foldernet export marker, so {target.name} there may not "
-                             "be foldernet's; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    if marker_kind(out) is None and not any(out.iterdir()):
+    if marker_kind(out) is None:
         write_marker(out, "export")
     clf = load(model_dir, engine="torch", use_cache=False)
     files = held_out_files(model_dir, data, limit=parity_limit)

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .bundle import Predictor
+from .bundle import Batch, Predictor
 from .errors import FoldernetError
 from .calibration import softmax
 from .modality import decode_error, source_pixels
@@ -114,4 +114,4 @@ class OnnxClassifier(Predictor):
                     feats = np.zeros((n, f.shape[1]), np.float32)
                 feats[idx] = f
             ok[idx] = True
-        return probs, feats, ok, errors
+        return Batch(probs, feats, ok, errors)

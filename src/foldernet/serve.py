@@ -250,30 +250,14 @@ class MicroBatcher:
             self.items += len(items)
 
 
-def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Access | None = None):
+def _install_guard(app, access: Access) -> None:
+    """Host check, API key (constant time; /health is open), CORS when asked, and security headers
+    on every answer (a CSP that allows the page's own inline script and style by hash only)."""
     import hmac
 
-    from fastapi import File, Query, Request, UploadFile
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from fastapi_offline import FastAPIOffline
-    from pydantic import BaseModel
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
 
-    class ErrorBody(BaseModel):
-        error: str
-
-    limits = limits or Limits()
-    access = access or Access()
-    model = ServedModel(run)
-    batcher = MicroBatcher(model.run, limits.max_batch, limits.max_wait_ms)
-    what = "sound" if model.audio is not None else "image"
-    app = FastAPIOffline(title="foldernet", version=model.config.foldernet_version or "0",
-                         description=f"{what.capitalize()} classifier: {', '.join(model.labels[:20])}. "
-                                     + ("Send the API key as X-API-Key." if access.api_key else ""))
-    errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"},
-              500: {"model": ErrorBody, "description": "internal error"}} if access.api_key else \
-        {500: {"model": ErrorBody, "description": "internal error"}}
     page_csp = ("default-src 'none'; img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self'; "
                 f"script-src {_csp_hash(PAGE, 'script')}; style-src {_csp_hash(PAGE, 'style')}; "
                 "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
@@ -282,7 +266,6 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Acc
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        """Host check, API key (constant time; /health is open), then security headers on every answer."""
         host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]") if request.headers.get("host") else ""
         if "*" not in access.trusted_hosts and host not in access.trusted_hosts:
             response = JSONResponse({"error": "untrusted Host header"}, status_code=400)
@@ -306,13 +289,20 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Acc
         app.add_middleware(CORSMiddleware, allow_origins=list(access.allow_origins), allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Authorization", "Content-Type"])
 
+
+def _install_error_handlers(app) -> None:
+    """Every error is JSON with one message; a 405 keeps its Allow header."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     @app.exception_handler(UploadError)
     async def _upload_error(_: Request, exc: UploadError):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
-        # keep the headers the exception carries (a 405 names the allowed methods in Allow)
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -323,6 +313,56 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Acc
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+
+def _install_explorer(app, model: ServedModel, access: Access) -> None:
+    """Thumbnails of training examples, by index only (never by path); they show the training data,
+    so they answer 404 unless the server was started with ``--explorer``."""
+    from fastapi.responses import JSONResponse, Response
+
+    @app.get("/example/{index}", include_in_schema=False)
+    async def example(index: int):
+        if not access.explorer or not 0 <= index < len(model.files):
+            return JSONResponse({"error": "no such example"}, status_code=404)
+        img = await asyncio.to_thread(thumbnail_jpeg, model.files[index])
+        if img is None:
+            return JSONResponse({"error": "example unavailable"}, status_code=404)
+        return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/train-image/{index}", include_in_schema=False)
+    async def train_image(index: int):
+        index_obj = model.clf.index if access.explorer else None
+        if index_obj is None or not 0 <= index < len(index_obj.paths):
+            return JSONResponse({"error": "no such training image"}, status_code=404)
+        img = await asyncio.to_thread(thumbnail_jpeg, model.root / index_obj.paths[index])
+        if img is None:
+            return JSONResponse({"error": "training image unavailable"}, status_code=404)
+        return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+
+def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Access | None = None):
+    """The web page and the JSON API for one run (checked as it loads: a damaged bundle stops here)."""
+    from fastapi import File, Query, UploadFile
+    from fastapi.responses import HTMLResponse
+    from fastapi_offline import FastAPIOffline
+    from pydantic import BaseModel
+
+    class ErrorBody(BaseModel):
+        error: str
+
+    limits = limits or Limits()
+    access = access or Access()
+    model = ServedModel(run)
+    batcher = MicroBatcher(model.run, limits.max_batch, limits.max_wait_ms)
+    what = "sound" if model.audio is not None else "image"
+    app = FastAPIOffline(title="foldernet", version=model.config.foldernet_version or "0",
+                         description=f"{what.capitalize()} classifier: {', '.join(model.labels[:20])}. "
+                                     + ("Send the API key as X-API-Key." if access.api_key else ""))
+    errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"},
+              500: {"model": ErrorBody, "description": "internal error"}} if access.api_key else \
+        {500: {"model": ErrorBody, "description": "internal error"}}
+    _install_guard(app, access)
+    _install_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
@@ -354,24 +394,7 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Acc
                 "backend": model.backend, "metrics": model.config.metrics, "classes": classes,
                 "threshold": model.threshold, "explorer": access.explorer}
 
-    @app.get("/example/{index}", include_in_schema=False)
-    async def example(index: int):
-        if not access.explorer or not 0 <= index < len(model.files):
-            return JSONResponse({"error": "no such example"}, status_code=404)
-        img = await asyncio.to_thread(thumbnail_jpeg, model.files[index])
-        if img is None:
-            return JSONResponse({"error": "example unavailable"}, status_code=404)
-        return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
-
-    @app.get("/train-image/{index}", include_in_schema=False)
-    async def train_image(index: int):
-        index_obj = model.clf.index if access.explorer else None
-        if index_obj is None or not 0 <= index < len(index_obj.paths):
-            return JSONResponse({"error": "no such training image"}, status_code=404)
-        img = await asyncio.to_thread(thumbnail_jpeg, model.root / index_obj.paths[index])
-        if img is None:
-            return JSONResponse({"error": "training image unavailable"}, status_code=404)
-        return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+    _install_explorer(app, model, access)
 
     upload_errors = {**errors,
                      400: {"model": ErrorBody, "description": "the upload is empty"},
