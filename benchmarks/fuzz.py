@@ -172,7 +172,9 @@ def fuzz_bundle(seconds: float, run: Path, image: Path, rng: np.random.Generator
                     refused += 1
                 except Exception as exc:  # noqa: BLE001 - this is what the fuzzer looks for
                     tracebacks += 1
-                    examples.append(f"{rel}: {type(exc).__name__}: {str(exc)[:60]}")
+                    seen = f"{rel}: {type(exc).__name__}: {str(exc)[:60]}"
+                    if not any(e.split(":")[:2] == seen.split(":")[:2] for e in examples):
+                        examples.append(seen)
             shutil.rmtree(copy, ignore_errors=True)
     return {"part": "bundle files", "seconds": seconds, "tried": tried, "tracebacks": tracebacks,
             "refused_with_a_message": refused, "examples": "; ".join(examples[:5])}

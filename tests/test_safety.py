@@ -156,6 +156,9 @@ def test_truncated_weights_labels_that_do_not_fit_and_a_newer_format_are_named(r
     cfg_path.write_text(json.dumps({**cfg, "labels": cfg["labels"][:-1]}))
     with pytest.raises(FoldernetError, match="is damaged: the head has shape"):
         foldernet.load(run_copy)
+    cfg_path.write_bytes(cfg_path.read_bytes()[:200] + b"\xba\xe8" + cfg_path.read_bytes()[200:])  # not UTF-8
+    with pytest.raises(FoldernetError, match="is damaged: config.json cannot be read"):
+        foldernet.load(run_copy)
     cfg_path.write_text(json.dumps({**cfg, "format": 99}))
     with pytest.raises(FoldernetError, match="newer foldernet"):
         foldernet.load(run_copy)

@@ -39,6 +39,7 @@ from .data import Dataset, scan, thumbnail_data_uri
 from .dedup import (NEAR_DUP_MAX_BITS, NEAR_DUP_MIN_COSINE, NEAR_DUP_STRONG_BITS,  # noqa: F401
                     NEAR_DUP_STRONG_MIN_COSINE, clusters, near_duplicate_pairs)
 from .modality import MAX_ASPECT, TINY_MIN_SIDE, media_extensions, modality, modality_of
+from .errors import FoldernetError
 from .head import imbalance_ratio
 from .params import FIXABLE
 from .io import atomic_write_json, atomic_write_text, staged_dir
@@ -270,11 +271,26 @@ def quarantine(data: str | os.PathLike, moves: dict[str, str], dest: str | os.Pa
 
 
 def restore(manifest: str | os.PathLike) -> int:
-    """Move quarantined files back where they came from; refuses to overwrite anything."""
+    """Undo what a manifest records: quarantined files go back where they came from (never over a
+    file that is there now); an autolabel manifest's copies are removed (only those still byte-identical
+    to what was copied). Returns how many files were restored or removed."""
+    from .io import read_json
+
     manifest = Path(manifest)
     if manifest.is_dir():
         manifest = manifest / "manifest.json"
-    info = json.loads(manifest.read_text(encoding="utf-8"))
+    info = read_json(manifest)
+    if not isinstance(info, dict) or not ({"moved", "copied"} & set(info)) or "data" not in info:
+        raise FoldernetError(f"{manifest} is not a foldernet manifest (from audit --fix or autolabel)")
+    if info.get("kind") == "autolabel":
+        from .grow import undo_autolabel
+
+        removed, kept = undo_autolabel(info)
+        for line in kept:
+            console.print(f"not removed: {line}", markup=False)
+        info["copied"] = [e for e in info["copied"] if (Path(info["data"]) / e["path"]).is_file()]
+        atomic_write_json(manifest, info)
+        return removed
     root, base = Path(info["data"]), manifest.parent
     restored, remaining = 0, []
     for entry in info["moved"]:

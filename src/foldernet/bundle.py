@@ -316,6 +316,19 @@ class Predictor:
                 yield Prediction(name, top, None, bool(reasons[i]), neighbours[i] if neighbours else [],
                                  reasons[i])
 
+    def suggest(self, inputs, n: int = 100, strategy: str = "default"):
+        """The ``n`` unlabelled files most worth labelling next (see ``grow.suggest``)."""
+        from .grow import suggest
+
+        return suggest(self, inputs, n=n, strategy=strategy)
+
+    def autolabel(self, inputs, out: str | os.PathLike, min_confidence: float = 0.98) -> dict:
+        """Copy the files this model is sure of into ``out/<label>/``, recorded for undo (see
+        ``grow.autolabel``)."""
+        from .grow import autolabel
+
+        return autolabel(self, inputs, out, min_confidence=min_confidence)
+
     def timeline(self, source: str | os.PathLike | bytes, top_k: int = 3, batch_size: int = 32) -> list[Segment]:
         """What sounds when: every window of one recording answered on its own (``predict`` averages
         them into one answer), with start and end in seconds. Windows overlap by half."""

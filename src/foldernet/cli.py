@@ -327,11 +327,11 @@ def audit(
 
 
 @app.command()
-def restore(manifest: Path = typer.Argument(..., help="a quarantine manifest.json (or its folder)")) -> None:
-    """Put files that `audit --fix` quarantined back where they were."""
+def restore(manifest: Path = typer.Argument(..., help="a manifest from audit --fix (or its folder) or autolabel")) -> None:
+    """Undo `audit --fix` (files go back) or `autolabel` (its copies are removed)."""
     from .audit import restore as _restore
 
-    stdout.print(f"restored {_restore(manifest)} file(s)")
+    stdout.print(f"undone: {_restore(manifest)} file(s) restored or removed")
 
 
 @app.command()
@@ -515,6 +515,54 @@ def serve(
     where = f"http://{o['host']}:{o['port']}"
     _serve(run, host=o["host"], port=o["port"], limits=Limits(max_bytes=int(o["max_upload_mb"] * 1024 * 1024)),
            access=access, on_ready=lambda: stdout.print(f"serving {run} on {where}  (API docs: {where}/docs)"))
+
+
+@app.command()
+def suggest(
+    run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
+    inputs: List[Path] = typer.Argument(..., help="unlabelled files and/or folders"),
+    n: Optional[int] = _opt("suggest", "n", "-n"),
+    strategy: Optional[str] = _opt("suggest", "strategy"),
+    out: Path = typer.Option(Path("suggest"), "--out", "-o", help="folder for suggest.csv and suggest.html"),
+    force: bool = _opt("suggest", "force", "--force", default=False),
+) -> None:
+    """Which unlabelled files to label next: uncertain, unlike each other, no duplicates."""
+    from .bundle import expand_inputs, load
+    from .grow import suggest as _suggest
+    from .grow import write_suggestions
+    from .io import check_new_output
+    from .params import check
+
+    o = check("suggest", _given({"n": n, "strategy": strategy, "force": force}))
+    folders = [p for p in inputs if p.is_dir()]
+    check_new_output(out, o["force"], "suggest", folders)
+    model = load(run)
+    result = _suggest(model, expand_inputs(inputs), n=o["n"], strategy=o["strategy"])
+    write_suggestions(out, result, model.audio, force=o["force"], inputs=folders)
+    for s in result.chosen[:10]:
+        stdout.print(f"{s.path}  guess {s.label} {s.confidence:.2f}  ({s.why})")
+    more = f" (and {len(result.chosen) - 10} more)" if len(result.chosen) > 10 else ""
+    stdout.print(f"suggested {len(result.chosen)} file(s){more}; {len(result.dropped)} duplicate(s) left out, "
+                 f"{len(result.skipped)} unreadable: {out / 'suggest.csv'}, {out / 'suggest.html'}")
+
+
+@app.command()
+def autolabel(
+    run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
+    inputs: List[Path] = typer.Argument(..., help="unlabelled files and/or folders (never modified)"),
+    out: Path = typer.Option(..., "--out", "-o", help="the dataset to add copies to: OUT/<label>/"),
+    min_confidence: Optional[float] = _opt("autolabel", "min_confidence"),
+) -> None:
+    """Copy the files the model is sure of into OUT/<label>/, recorded so `foldernet restore` undoes it."""
+    from .bundle import load
+    from .grow import autolabel as _autolabel
+    from .params import check
+
+    o = check("autolabel", _given({"min_confidence": min_confidence}))
+    r = _autolabel(load(run), list(inputs), out, min_confidence=o["min_confidence"])
+    stdout.print(", ".join(f"{k} {v}" for k, v in r["counts"].items()))
+    if r["manifest"]:
+        stdout.print(f"undo with: foldernet restore {r['manifest']}")
 
 
 @app.command()

@@ -205,5 +205,5 @@ def read_json(path: str | os.PathLike) -> dict:
             return json.load(f)
     except FileNotFoundError as exc:
         raise FoldernetError(f"missing file: {path}") from exc
-    except json.JSONDecodeError as exc:
-        raise FoldernetError(f"{path} is not valid JSON ({exc}); the file may be damaged") from exc
+    except ValueError as exc:  # not JSON, or not even UTF-8 text
+        raise FoldernetError(f"{path} is not valid JSON ({str(exc)[:120]}); the file may be damaged") from exc

@@ -235,9 +235,21 @@ DEMO = [
     _p("force", bool, False, "replace an existing demo folder that foldernet wrote"),
 ]
 
+SUGGEST = [
+    _p("n", int, 100, "how many files to suggest", 1, 1_000_000),
+    _p("strategy", str, "default", "default: uncertain and unlike each other; margin or entropy: the most "
+       "uncertain; diverse: the most unlike each other", choices=("default", "margin", "entropy", "diverse")),
+    _p("force", bool, False, "replace an existing suggest folder that foldernet wrote"),
+]
+AUTOLABEL = [
+    _p("min_confidence", float, 0.98, "copy only files the model is at least this sure of (calibrated), and "
+       "not 'not sure'", 0, 1, low_open=True),
+]
+
 TABLES: dict[str, list[Param]] = {
     "train": TRAIN, "predict": PREDICT, "similar": SIMILAR, "split": SPLIT, "audit": AUDIT, "collect": COLLECT,
-    "frames": FRAMES, "export": EXPORT, "serve": SERVE, "compare": COMPARE, "demo": DEMO,
+    "frames": FRAMES, "export": EXPORT, "serve": SERVE, "compare": COMPARE, "demo": DEMO, "suggest": SUGGEST,
+    "autolabel": AUTOLABEL,
 }
 
 

@@ -197,11 +197,15 @@ class ServedModel:
         splits = self.model_dir / "splits.csv"
         if not splits.exists() or not root.is_dir():
             return out
-        with open(splits, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if row["split"] == "train" and row["label"] in out and len(out[row["label"]]) < 8:
-                    out[row["label"]].append(len(self.files))
-                    self.files.append(root / row["path"])
+        try:  # the explorer is a convenience: a damaged splits.csv leaves it empty, the API works on
+            with open(splits, newline="", encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    if row["split"] == "train" and row["label"] in out and len(out[row["label"]]) < 8:
+                        out[row["label"]].append(len(self.files))
+                        self.files.append(root / row["path"])
+        except (OSError, ValueError, KeyError, TypeError, csv.Error):
+            self.files = []
+            return {c: [] for c in self.labels}
         return out
 
 
