@@ -100,7 +100,8 @@ def fuzz_options(seconds: float, run: Path, rng: np.random.Generator) -> dict:
     positional = {"train": [missing], "predict": [str(run), missing], "similar": [str(run), missing],
                   "split": [missing], "audit": [missing], "collect": [missing, "--out", missing],
                   "frames": [missing, "--out", missing], "export": [missing], "serve": [missing],
-                  "compare": [missing], "demo": ["--out", missing]}
+                  "compare": [missing], "demo": ["--out", missing], "suggest": [str(run), missing],
+                  "autolabel": [str(run), missing, "--out", missing]}
     runner = CliRunner()
     tried = tracebacks = 0
     examples: list[str] = []
