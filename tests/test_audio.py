@@ -298,6 +298,27 @@ def test_server_accepts_audio_and_returns_a_spectrogram(sounds, tmp_path):
         assert page.locator("#timeline tr").count() == len(windows) + 1
         r = client.post("/predict", files={"file": ("x.wav", b"RIFF....WAVEjunk", "audio/wav")})
         assert r.status_code == 415 and "audio" in r.json()["error"]
+    # labelling sounds: the queue says audio, the page gets the clip and its spectrogram; suggest's sheet plays them
+    from foldernet.grow import suggest, write_suggestions
+
+    pile = tmp_path / "pile"
+    pile.mkdir()
+    for f in sorted((sounds / "low").glob("*.wav"))[:3] + sorted((sounds / "chirp").glob("*.wav"))[:3]:
+        (pile / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
+    app = create_app(tmp_path / "run", label=([pile], tmp_path / "labelled"))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        queue = client.get("/label/queue").json()
+        assert queue["items"] and all(it["kind"] == "audio" for it in queue["items"])
+        first = queue["items"][0]["id"]
+        assert client.get(f"/label/item/{first}").headers["content-type"] == "audio/wav"
+        assert client.get(f"/label/item/{first}/spectrogram").headers["content-type"] == "image/png"
+        r = client.post(f"/label/item/{first}", json={"label": "low"})
+        assert r.status_code == 200 and r.json()["copied"] and r.json()["path"].startswith("low/")
+    model = foldernet.load(tmp_path / "run")
+    chosen = suggest(model, pile, n=3)  # (clips that duplicate training clips are left out)
+    write_suggestions(tmp_path / "sheet", chosen, model.audio)
+    page = (tmp_path / "sheet" / "suggest.html").read_text()
+    assert chosen.chosen and page.count("<audio controls") == page.count('alt="spectrogram"') == len(chosen.chosen)
 
 
 def test_hostile_wav_headers_are_refused_without_huge_allocations(tmp_path):

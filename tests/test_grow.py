@@ -114,3 +114,88 @@ def test_autolabel_refuses_what_it_would_confuse(trained_run, pile, tmp_path):
         model.autolabel(pile, pile / "labelled")
     with pytest.raises(FoldernetError, match="--min-confidence"):
         model.autolabel(pile, tmp_path / "d2", min_confidence=1.5)
+
+
+def test_labelling_page_by_keyboard_in_chromium(trained_run, pile, tmp_path):
+    """Three files labelled with the keyboard (a class key, Enter for the guess, skip, then undo):
+    copies land in DATA/<class>/, the manifest records them, the pile is untouched."""
+    import json
+
+    import re
+
+    from browser import browser_page, running_server, screenshot
+    from playwright.sync_api import expect
+
+    from foldernet.audit import restore
+    from foldernet.serve import create_app
+
+    data = tmp_path / "data"
+    before = _digest(pile)
+    app = create_app(trained_run.run_dir, label=([pile], data))
+    with running_server(app) as url, browser_page(900, 800) as page:
+        page.goto(url + "/label")
+        page.wait_for_selector("#classes button")
+        first = page.locator("#media img").get_attribute("alt")
+        guess = page.locator("#classes button.guess").get_attribute("data-class")
+        page.keyboard.press("Enter")                    # 1: the model's guess
+        expect(page.locator("#status")).to_have_text(re.compile("^copied"))
+        page.keyboard.press("3")                        # 2: the third class
+        expect(page.locator("#progress")).to_have_text(re.compile("^3 of"))
+        page.keyboard.press("s")                        # 3: skipped
+        page.keyboard.press("1")                        # 4: the first class
+        expect(page.locator("#progress")).to_have_text(re.compile("^5 of"))
+        page.keyboard.press("u")                        # undo the last answer
+        expect(page.locator("#status")).to_have_text("undone")
+        screenshot(page, "label_page.png")
+    manifests = list((data / ".foldernet").glob("label-*.json"))
+    assert len(manifests) == 1
+    copied = json.loads(manifests[0].read_text())["copied"]
+    labels = trained_run.config["labels"]
+    assert [e["label"] for e in copied] == [guess, labels[2]]
+    assert Path(copied[0]["path"]).name == first and (data / copied[0]["path"]).is_file()
+    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    assert files == sorted(e["path"] for e in copied)  # the undone copy is gone, nothing else was written
+    assert _digest(pile) == before
+    assert restore(manifests[0]) == 2 and not list(data.rglob("*.png"))
+
+
+def test_review_page_walks_through_label_errors_and_restore_undoes_it(trained_run, digits_dir, tmp_path):
+    """Planted label errors found by audit; on the page a person relabels one, quarantines one and
+    keeps one (then undoes the keep); files move only on those words, and restore puts everything back."""
+    import json
+    import re
+
+    from browser import browser_page, running_server
+    from playwright.sync_api import expect
+
+    from foldernet.audit import audit, restore
+    from foldernet.serve import create_app
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    for k, f in enumerate(sorted((data / "0_zero").glob("*.png"))[:3]):  # three zeros filed as fours
+        f.rename(data / "4_four" / f"planted{k}.png")
+    before = _digest(data)
+    audit(data, out=tmp_path / "audit", progress=False)
+    issues = json.loads((tmp_path / "audit" / "audit.json").read_text())["findings"]["label_issue"]
+    assert sum("planted" in e["path"] for e in issues) >= 2
+    app = create_app(trained_run.run_dir, review=tmp_path / "audit")
+    with running_server(app) as url, browser_page(1000, 800) as page:
+        page.goto(url + "/review")
+        page.wait_for_selector("#classes button")
+        expect(page.locator("#progress")).to_have_text(re.compile("^1 of"))
+        page.keyboard.press("r")       # relabel as suggested
+        expect(page.locator("#status")).to_have_text(re.compile("^relabel: moved to"))
+        page.keyboard.press("q")       # quarantine
+        expect(page.locator("#status")).to_have_text(re.compile("^quarantine: moved to"))
+        page.keyboard.press("k")       # keep ...
+        expect(page.locator("#progress")).to_have_text(re.compile("^4 of|^all|^3 of 3"))
+        page.keyboard.press("u")       # ... undone
+        expect(page.locator("#status")).to_have_text("undone")
+    manifest = next((tmp_path / "data.quarantine").glob("review-*.json"))
+    record = json.loads(manifest.read_text())
+    assert len(record["moved"]) == 2 and record["kept"] == []
+    relabelled = record["moved"][0]
+    assert (manifest.parent / relabelled["stored"]).is_file() and not (data / relabelled["path"]).exists()
+    assert restore(manifest) == 2
+    assert _digest(data) == before  # every move undone, nothing else touched

@@ -282,7 +282,7 @@ def restore(manifest: str | os.PathLike) -> int:
     info = read_json(manifest)
     if not isinstance(info, dict) or not ({"moved", "copied"} & set(info)) or "data" not in info:
         raise FoldernetError(f"{manifest} is not a foldernet manifest (from audit --fix or autolabel)")
-    if info.get("kind") == "autolabel":
+    if info.get("kind") in ("autolabel", "label"):
         from .grow import undo_autolabel
 
         removed, kept = undo_autolabel(info)

@@ -21,7 +21,7 @@ from . import __version__
 from .errors import FoldernetError
 from .calibration import K_NEIGHBOURS, not_sure_mask, not_sure_reasons
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from .modality import media_extensions, source_name
+from .modality import expand_inputs, source_name  # noqa: F401 - expand_inputs: the door callers know
 from .params import check
 from .progress import console
 from .similar import INDEX_FILE
@@ -431,34 +431,6 @@ class Classifier(Predictor):
         f = self.extractor(list(sources), desc="predict", progress=progress)
         vectors = f.vectors if f.ok.any() else np.zeros((len(sources), self.head.dim), np.float32)
         return Batch(self.proba_from_features(vectors), vectors, f.ok, f.errors)
-
-
-def expand_inputs(inputs) -> list:
-    """Files, folders (recursively, the image and sound files in them, sorted) and raw bytes -> a flat
-    list. A missing path, or a folder with nothing foldernet reads, is an error that names it."""
-    media = media_extensions()
-    if isinstance(inputs, (str, os.PathLike, bytes, bytearray)):
-        inputs = [inputs]
-    out: list = []
-    for src in inputs:
-        if isinstance(src, (bytes, bytearray)):
-            out.append(bytes(src))
-            continue
-        p = Path(src).expanduser()
-        if p.is_dir():
-            found = sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in media),
-                           key=lambda f: f.as_posix())
-            if not found:
-                raise FoldernetError(f"no image or sound files in {p} (foldernet reads "
-                                     f"{', '.join(sorted(media))})")
-            out.extend(found)
-        elif p.exists() or p.is_symlink():
-            out.append(p)
-        else:
-            raise FoldernetError(f"input not found: {p}")
-    if not out:
-        raise FoldernetError("no inputs given")
-    return out
 
 
 def load(path: str | os.PathLike, engine: str = "onnx", use_cache: bool = True) -> Classifier:

@@ -87,7 +87,7 @@ def _print_train_result(result) -> None:
 TRAIN_FLAGS = {"label_map_file": "--label-map", "window_seconds": "--window", "use_cache": "--cache/--no-cache"}
 
 
-def _table_command(command: str, fixed: list[inspect.Parameter], flags: dict[str, str]):
+def _table_command(command: str, fixed: list[inspect.Parameter], flags: dict[str, str], skip: tuple[str, ...] = ()):
     """Give a ``def f(**given)`` command the signature of its options table (params.py), so typer
     builds every flag, its help and what it accepts from the table: the CLI declares nothing twice.
     Each value is None unless given, so defaults live in the table alone."""
@@ -96,6 +96,8 @@ def _table_command(command: str, fixed: list[inspect.Parameter], flags: dict[str
     def decorate(func):
         params = list(fixed)
         for p in TABLES[command]:
+            if p.name in skip:
+                continue
             decl = flags.get(p.name) or (f"{p.flag}/--no-{p.flag[2:]}" if p.kind is bool else p.flag)
             params.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY,
                                             default=_opt(command, p.name, decl), annotation=Optional[p.kind]))
@@ -172,7 +174,8 @@ def predict(
                                   "(start-end seconds) instead of their average: what sounds when"),
 ) -> None:
     """Top-k labels with probabilities for each image (label_image style), or a CSV."""
-    from .bundle import expand_inputs, load
+    from .bundle import load
+    from .modality import expand_inputs
     from .io import atomic_write_text
     from .params import check
 
@@ -389,7 +392,8 @@ def similar(
     k: Optional[int] = _opt("similar", "k", "-k"),
 ) -> None:
     """The most similar training examples of each input, with labels and cosine similarity."""
-    from .bundle import expand_inputs, load
+    from .bundle import load
+    from .modality import expand_inputs
     from .params import check
 
     k = check("similar", _given({"k": k}))["k"]
@@ -488,33 +492,43 @@ def export(
                      f"{q['size_mb']} vs {q['fp32_size_mb']} MB: {q['reason']}")
 
 
+def _arg(name: str, annotation, default) -> inspect.Parameter:
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if isinstance(default, typer.models.ArgumentInfo) \
+        else inspect.Parameter.KEYWORD_ONLY
+    return inspect.Parameter(name, kind, annotation=annotation, default=default)
+
+
 @app.command()
-def serve(
-    run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
-    host: Optional[str] = _opt("serve", "host"),
-    port: Optional[int] = _opt("serve", "port"),
-    max_upload_mb: Optional[float] = _opt("serve", "max_upload_mb"),
-    api_key: Optional[str] = _opt("serve", "api_key", "--api-key"),
-    allow_origin: Optional[List[str]] = typer.Option(None, "--allow-origin",
-                                                     help="a web origin allowed to call the API from a browser "
-                                                          "(CORS); repeatable; default none"),
-    trusted_host: Optional[List[str]] = typer.Option(None, "--trusted-host", help="a Host header to accept "
-                                                     "(repeatable; default: the bound address, or any on 0.0.0.0)"),
-    explorer: bool = _opt("serve", "explorer", "--explorer", default=False),
-    insecure_no_auth: bool = _opt("serve", "insecure_no_auth", "--insecure-no-auth", default=False),
-) -> None:
+@_table_command("serve", [
+    _arg("run", Path, typer.Argument(..., help="run folder (or its model/ folder)")),
+    _arg("allow_origin", Optional[List[str]], typer.Option(None, "--allow-origin", help="a web origin allowed to call "
+                                                           "the API from a browser (CORS); repeatable; default none")),
+    _arg("trusted_host", Optional[List[str]], typer.Option(None, "--trusted-host", help="a Host header to accept "
+                                                           "(repeatable; default: the bound address, or any on 0.0.0.0)")),
+    _arg("label", Optional[List[Path]], typer.Option(None, "--label", help="unlabelled files or folders: adds a "
+                                                     "labelling page at /label (keys 1-9, Enter, s, u); needs --into")),
+    _arg("into", Optional[Path], typer.Option(None, "--into", help="the dataset that --label copies answers into")),
+    _arg("review", Optional[Path], typer.Option(None, "--review", help="an audit folder: adds a page at /review to "
+                                                "keep, relabel or quarantine its likely label errors (undo: restore)")),
+], {}, skip=("allow_origin",))
+def serve(**given) -> None:
     """Web page with upload and a confidence bar chart, plus a JSON API (/predict, /health, /labels, /docs)."""
     from .params import check
     from .serve import Limits, access_for
     from .serve import serve as _serve
 
-    o = check("serve", _given({"host": host, "port": port, "max_upload_mb": max_upload_mb, "api_key": api_key,
-                               "explorer": explorer, "insecure_no_auth": insecure_no_auth}))
-    access = access_for(o["host"], o["api_key"], tuple(allow_origin or ()), o["explorer"], o["insecure_no_auth"],
-                        tuple(trusted_host or ()))
+    run, origins, hosts = given.pop("run"), given.pop("allow_origin"), given.pop("trusted_host")
+    label, into, review = given.pop("label"), given.pop("into"), given.pop("review")
+    o = check("serve", {k: v for k, v in given.items() if v is not None})
+    access = access_for(o["host"], o["api_key"], tuple(origins or ()), o["explorer"], o["insecure_no_auth"],
+                        tuple(hosts or ()))
+    if bool(label) != (into is not None):
+        raise FoldernetError("serve --label and --into go together: --label UNLABELLED --into DATA")
     where = f"http://{o['host']}:{o['port']}"
+    extra = (f"; labelling: {where}/label" if label else "") + (f"; review: {where}/review" if review else "")
     _serve(run, host=o["host"], port=o["port"], limits=Limits(max_bytes=int(o["max_upload_mb"] * 1024 * 1024)),
-           access=access, on_ready=lambda: stdout.print(f"serving {run} on {where}  (API docs: {where}/docs)"))
+           access=access, label=(list(label), into) if label else None, review=review,
+           on_ready=lambda: stdout.print(f"serving {run} on {where}  (API docs: {where}/docs{extra})"))
 
 
 @app.command()
@@ -527,7 +541,8 @@ def suggest(
     force: bool = _opt("suggest", "force", "--force", default=False),
 ) -> None:
     """Which unlabelled files to label next: uncertain, unlike each other, no duplicates."""
-    from .bundle import expand_inputs, load
+    from .bundle import load
+    from .modality import expand_inputs
     from .grow import suggest as _suggest
     from .grow import write_suggestions
     from .io import check_new_output

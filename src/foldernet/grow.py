@@ -132,7 +132,7 @@ def _sha256(source) -> str | None:
 def suggest(model, inputs, n: int = 100, strategy: str = "default") -> Suggestions:
     """The ``n`` files of ``inputs`` most worth labelling next (see ``select``), duplicates of each
     other and of the training set left out, unreadable files listed with the reason."""
-    from .bundle import expand_inputs
+    from .modality import expand_inputs
 
     o = check("suggest", {"n": n, "strategy": strategy})
     sources = expand_inputs(inputs)
@@ -160,17 +160,31 @@ def suggest(model, inputs, n: int = 100, strategy: str = "default") -> Suggestio
 
 # ------------------------------------------------------------------------------------------ autolabel
 
-def autolabel(model, inputs, out: str | os.PathLike, min_confidence: float = 0.98) -> dict:
-    """Copy (never move) every input the model is sure of (calibrated confidence >= ``min_confidence``
-    and not "not sure" by the bundle's open-set rule) into ``out/<label>/``, and record each copy (source,
-    sha256, label, confidence) in ``out/.foldernet/autolabel-<time>.json`` so ``foldernet restore``
-    can remove exactly those copies. Refuses a dataset with a class folder the model does not know:
-    it cannot tell that class apart, so its guesses would be filed wrongly."""
-    from .bundle import expand_inputs
+def copy_into(src: Path, data: Path, label: str, manifest: dict, manifest_path: Path, **facts) -> dict | None:
+    """Copy ``src`` into ``data/label/`` (never over another file: a different file of the same name
+    gets the content hash in its name; the same bytes already there are not copied again) and record
+    the copy in the manifest, written after every copy. Returns the entry, or None when nothing was
+    copied."""
+    digest = _sha256(src)
+    target = data / label / src.name
+    if target.exists():
+        if _sha256(target) == digest:
+            return None
+        target = target.with_name(f"{target.stem}-{digest[:10]}{target.suffix}")
+        if target.exists():
+            return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, target)
+    entry = {"source": str(src.resolve()), "path": target.relative_to(data).as_posix(), "sha256": digest,
+             "label": label, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in facts.items()}}
+    manifest["copied"].append(entry)
+    atomic_write_json(manifest_path, manifest)  # after every copy: a crash never loses track of one
+    return entry
 
-    o = check("autolabel", {"min_confidence": min_confidence})
-    folders = [Path(s) for s in (inputs if isinstance(inputs, (list, tuple)) else [inputs])
-               if isinstance(s, (str, os.PathLike)) and Path(s).is_dir()]
+
+def check_dataset_for(model, out: Path, folders) -> Path:
+    """``out`` as a dataset this model may add to: not inside an input, not a file, and no class folder
+    the model does not know (it cannot tell that class apart, so its guesses would be filed wrongly)."""
     out = check_outside_inputs(out, folders)
     if out.exists() and not out.is_dir():
         raise FoldernetError(f"--out {out} is a file; give the dataset folder (DATA/<class>/...)")
@@ -179,11 +193,30 @@ def autolabel(model, inputs, out: str | os.PathLike, min_confidence: float = 0.9
     if unknown:
         raise FoldernetError(f"{out} has class folders the model does not know ({', '.join(unknown[:5])}); it "
                              "cannot tell them apart, so it will not file examples there. Train on them first.")
+    return out
+
+
+def _manifest(kind: str, out: Path, model, **facts) -> tuple[dict, Path]:
+    path = out / ".foldernet" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    return {"kind": kind, "data": out.resolve().as_posix(), "model": str(getattr(model, "model_dir", "")),
+            **facts, "copied": []}, path
+
+
+def autolabel(model, inputs, out: str | os.PathLike, min_confidence: float = 0.98) -> dict:
+    """Copy (never move) every input the model is sure of (calibrated confidence >= ``min_confidence``
+    and not "not sure" by the bundle's open-set rule) into ``out/<label>/``, and record each copy (source,
+    sha256, label, confidence) in ``out/.foldernet/autolabel-<time>.json`` so ``foldernet restore``
+    can remove exactly those copies. Refuses a dataset with a class folder the model does not know:
+    it cannot tell that class apart, so its guesses would be filed wrongly."""
+    from .modality import expand_inputs
+
+    o = check("autolabel", {"min_confidence": min_confidence})
+    folders = [Path(s) for s in (inputs if isinstance(inputs, (list, tuple)) else [inputs])
+               if isinstance(s, (str, os.PathLike)) and Path(s).is_dir()]
+    out = check_dataset_for(model, Path(out), folders)
     sources = expand_inputs(inputs)
     preds = model.predict(sources, top_k=1)
-    manifest_path = out / ".foldernet" / f"autolabel-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
-    manifest = {"kind": "autolabel", "data": out.resolve().as_posix(), "model": str(getattr(model, "model_dir", "")),
-                "min_confidence": o["min_confidence"], "copied": []}
+    manifest, manifest_path = _manifest("autolabel", out, model, min_confidence=o["min_confidence"])
     counts = {"copied": 0, "already there": 0, "not sure": 0, "unreadable": 0}
     for src, p in zip(sources, preds):
         if p.error:
@@ -192,22 +225,8 @@ def autolabel(model, inputs, out: str | os.PathLike, min_confidence: float = 0.9
         if p.not_sure or p.confidence < o["min_confidence"]:
             counts["not sure"] += 1
             continue
-        digest = _sha256(src)
-        target = out / p.label / Path(src).name
-        if target.exists():
-            if _sha256(target) == digest:
-                counts["already there"] += 1
-                continue
-            target = target.with_name(f"{target.stem}-{digest[:10]}{target.suffix}")
-            if target.exists():
-                counts["already there"] += 1
-                continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
-        manifest["copied"].append({"source": str(Path(src).resolve()), "path": target.relative_to(out).as_posix(),
-                                   "sha256": digest, "label": p.label, "confidence": round(p.confidence, 6)})
-        atomic_write_json(manifest_path, manifest)  # after every copy: a crash never loses track of one
-        counts["copied"] += 1
+        entry = copy_into(Path(src), out, p.label, manifest, manifest_path, confidence=p.confidence)
+        counts["copied" if entry else "already there"] += 1
     return {"counts": counts, "manifest": manifest_path if counts["copied"] else None}
 
 
@@ -226,6 +245,157 @@ def undo_autolabel(manifest: dict) -> tuple[int, list[str]]:
         path.unlink()  # proven ours: the copy autolabel wrote, byte for byte
         removed += 1
     return removed, kept
+
+
+# ------------------------------------------------------------------------------------------ labelling
+
+class LabelSession:
+    """A person labelling suggested files one by one (the web page of ``serve --label``): the queue
+    in suggestion order, each answer a copy into ``data/<class>/`` recorded in a manifest that
+    ``foldernet restore`` undoes, and ``undo`` for the last answer. Files are addressed by index only."""
+
+    def __init__(self, model, inputs, data: str | os.PathLike, limit: int = 1000):
+        import threading
+
+        from .modality import expand_inputs
+
+        folders = [Path(s) for s in (inputs if isinstance(inputs, (list, tuple)) else [inputs]) if Path(s).is_dir()]
+        self.data = check_dataset_for(model, Path(data), folders)
+        self.labels = list(model.labels)
+        result = suggest(model, expand_inputs(inputs), n=limit)
+        self.items = result.chosen
+        self.skipped, self.dropped = result.skipped, result.dropped
+        self.manifest, self.manifest_path = _manifest("label", self.data, model)
+        self.done: list[tuple[int, dict]] = []
+        self.lock = threading.Lock()
+
+    def queue(self) -> list[dict]:
+        return [{"id": i, "name": Path(s.path).name, "guess": s.label, "confidence": round(s.confidence, 4),
+                 "top": [[lab, round(p, 4)] for lab, p in s.top], "why": s.why} for i, s in enumerate(self.items)]
+
+    def path(self, item: int) -> Path:
+        if not 0 <= item < len(self.items):
+            raise FoldernetError(f"no item {item}")
+        return Path(self.items[item].path)
+
+    def label(self, item: int, label: str) -> dict:
+        if label not in self.labels:
+            raise FoldernetError(f"unknown class {label!r}; the model knows {', '.join(self.labels)}")
+        with self.lock:
+            entry = copy_into(self.path(item), self.data, label, self.manifest, self.manifest_path, item=item)
+            if entry is not None:
+                self.done.append((item, entry))
+        return {"item": item, "label": label, "path": entry["path"] if entry else None, "copied": entry is not None}
+
+    def undo(self) -> dict:
+        """Remove the last copy (only while it is byte-identical to what was copied)."""
+        with self.lock:
+            if not self.done:
+                return {"undone": None}
+            item, entry = self.done.pop()
+            removed, kept = undo_autolabel({"data": str(self.data), "copied": [entry]})
+            self.manifest["copied"] = [e for e in self.manifest["copied"] if e is not entry]
+            atomic_write_json(self.manifest_path, self.manifest)
+        return {"undone": item, "removed": bool(removed), "note": "; ".join(kept)}
+
+
+class ReviewSession:
+    """A person walking through an audit's likely label errors and cross-label duplicates (the page of
+    ``serve --review AUDIT_DIR``). Each decision acts on the person's word only: keep (nothing moves),
+    relabel (the file moves to its new class folder in the dataset) or quarantine (it moves to
+    DATA.quarantine/). Moves are recorded in a manifest that ``foldernet restore`` undoes; ``undo``
+    reverses the last decision."""
+
+    def __init__(self, audit_dir: str | os.PathLike, labels: list[str]):
+        import threading
+
+        from .io import read_json
+
+        audit_dir = Path(audit_dir)
+        report = read_json(audit_dir / "audit.json" if audit_dir.is_dir() else audit_dir)
+        self.root = Path(report["data"])
+        if not self.root.is_dir():
+            raise FoldernetError(f"the audited data folder {self.root} is not there any more")
+        self.labels = sorted(set(labels) | set(report.get("classes", [])))
+        items = [{"path": e["path"], "given": e["given"], "suggested": e["suggested"],
+                  "why": f"likely label error: {e['given']} {e['given_prob']:.0%}, {e['suggested']} "
+                         f"{e['suggested_prob']:.0%}"} for e in report["findings"].get("label_issue", [])]
+        for e in report["findings"].get("conflict", []):
+            (a, b), (la, lb) = e["paths"][:2], e["labels"][:2]
+            items += [{"path": a, "given": la, "suggested": lb, "other": b, "why": f"duplicate of {b} ({lb})"},
+                      {"path": b, "given": lb, "suggested": la, "other": a, "why": f"duplicate of {a} ({la})"}]
+        self.items = items
+        quarantine = self.root.parent / f"{self.root.name}.quarantine"
+        self.manifest_path = quarantine / f"review-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+        self.manifest = {"kind": "review", "data": self.root.as_posix(), "moved": [], "kept": []}
+        self.done: list[tuple[int, str, dict | None]] = []
+        self.lock = threading.Lock()
+
+    def queue(self) -> list[dict]:
+        return [{"id": i, **{k: v for k, v in it.items() if k != "other"}, "name": Path(it["path"]).name,
+                 "other_id": next((j for j, o in enumerate(self.items) if o["path"] == it.get("other")), None)}
+                for i, it in enumerate(self.items)]
+
+    def path(self, item: int) -> Path:
+        if not 0 <= item < len(self.items):
+            raise FoldernetError(f"no item {item}")
+        return self.root / self.items[item]["path"]
+
+    def _relabelled(self, rel: str, given: str, label: str) -> str:
+        parts = Path(rel).parts
+        if len(parts) < 2 or parts[-2] != given:
+            raise FoldernetError(f"{rel} is not in a folder named {given}; relabel it by hand")
+        return Path(*parts[:-2], label, parts[-1]).as_posix()
+
+    def decide(self, item: int, decision: str, label: str | None = None) -> dict:
+        """keep | relabel (to ``label``, default the suggested one) | quarantine."""
+        with self.lock:
+            src, it = self.path(item), self.items[item]
+            if decision == "keep":
+                self.manifest["kept"].append(it["path"])
+                entry = None
+            elif decision in ("relabel", "quarantine"):
+                if not src.is_file():
+                    raise FoldernetError(f"{it['path']} is not there any more")
+                if decision == "relabel":
+                    label = label or it["suggested"]
+                    if label not in self.labels:
+                        raise FoldernetError(f"unknown class {label!r}")
+                    rel = self._relabelled(it["path"], it["given"], label)
+                    target, reason = self.root / rel, f"relabelled {it['given']} -> {label} by a person"
+                else:
+                    target = self.manifest_path.parent / "files" / it["path"]
+                    reason = f"quarantined by a person ({it['why']})"
+                if target.exists():
+                    raise FoldernetError(f"{target} exists already; nothing was moved")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(src), str(target))  # inside the dataset or its quarantine, on the person's word
+                entry = {"path": it["path"], "stored": os.path.relpath(target, self.manifest_path.parent),
+                         "reason": reason}
+                self.manifest["moved"].append(entry)
+            else:
+                raise FoldernetError(f"decision must be keep, relabel or quarantine (got {decision!r})")
+            atomic_write_json(self.manifest_path, self.manifest)
+            self.done.append((item, decision, entry))
+        return {"item": item, "decision": decision, "moved_to": entry["stored"] if entry else None}
+
+    def undo(self) -> dict:
+        """Reverse the last decision (a move goes back, unless a file now stands where it was)."""
+        with self.lock:
+            if not self.done:
+                return {"undone": None}
+            item, decision, entry = self.done.pop()
+            if entry is None:
+                self.manifest["kept"].remove(self.items[item]["path"])
+            else:
+                moved, home = self.manifest_path.parent / entry["stored"], self.root / entry["path"]
+                if home.exists() or not moved.is_file():
+                    self.done.append((item, decision, entry))
+                    return {"undone": None, "note": f"{home} is occupied, or the moved file is gone"}
+                shutil.move(str(moved), str(home))
+                self.manifest["moved"].remove(entry)
+            atomic_write_json(self.manifest_path, self.manifest)
+        return {"undone": item, "decision": decision}
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -6,6 +6,7 @@ modality instead of branching on the kind. New kinds register in ``MODALITIES``.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,6 +204,34 @@ def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = N
                 paths: list | None = None):
     """(Preprocess, AudioConfig or None) for a backbone and a dataset kind."""
     return modality(kind).prepare(data_config, img_size, audio, list(paths or []))
+
+
+def expand_inputs(inputs) -> list:
+    """Files, folders (recursively, the image and sound files in them, sorted) and raw bytes -> a flat
+    list. A missing path, or a folder with nothing foldernet reads, is an error that names it."""
+    media = media_extensions()
+    if isinstance(inputs, (str, os.PathLike, bytes, bytearray)):
+        inputs = [inputs]
+    out: list = []
+    for src in inputs:
+        if isinstance(src, (bytes, bytearray)):
+            out.append(bytes(src))
+            continue
+        p = Path(src).expanduser()
+        if p.is_dir():
+            found = sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in media),
+                           key=lambda f: f.as_posix())
+            if not found:
+                raise FoldernetError(f"no image or sound files in {p} (foldernet reads "
+                                     f"{', '.join(sorted(media))})")
+            out.extend(found)
+        elif p.exists() or p.is_symlink():
+            out.append(p)
+        else:
+            raise FoldernetError(f"input not found: {p}")
+    if not out:
+        raise FoldernetError("no inputs given")
+    return out
 
 
 # ----------------------------------------------------------------------------- bytes -> model input

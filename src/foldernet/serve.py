@@ -189,6 +189,22 @@ class ServedModel:
                               for n in self.clf.index.search(f, similar)[0]]
         return out
 
+    def info(self, explorer: bool) -> dict:
+        """What the model is and how good, per class (with example thumbnails only with the explorer)."""
+        split = self.metrics.get("reported_split")
+        m = self.metrics.get("splits", {}).get(split, {}) if split else {}
+        counts = self.config.data.get("counts", {})
+        classes = []
+        for c in self.labels:
+            pc = m.get("per_class", {}).get(c, {})
+            classes.append({"label": c, "train": counts.get("train", {}).get(c), "val": counts.get("val", {}).get(c),
+                            "test": counts.get("test", {}).get(c), "precision": pc.get("precision"),
+                            "recall": pc.get("recall"), "f1": pc.get("f1"),
+                            "examples": [f"/example/{i}" for i in self.examples.get(c, [])] if explorer else []})
+        return {"backbone": self.config.backbone, "mode": self.config.mode, "backend": self.backend,
+                "metrics": self.config.metrics, "classes": classes, "threshold": self.threshold,
+                "explorer": explorer}
+
     def _examples(self) -> dict[str, list[int]]:
         """Training image indices per class for the dataset explorer (files addressed by index only)."""
         self.files: list[Path] = []
@@ -262,9 +278,10 @@ def _install_guard(app, access: Access) -> None:
     from fastapi import Request
     from fastapi.responses import JSONResponse
 
-    page_csp = ("default-src 'none'; img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self'; "
-                f"script-src {_csp_hash(PAGE, 'script')}; style-src {_csp_hash(PAGE, 'style')}; "
-                "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+    page_csp = {path: ("default-src 'none'; img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self'; "
+                       f"script-src {_csp_hash(page, 'script')}; style-src {_csp_hash(page, 'style')}; "
+                       "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+                for path, page in (("/", PAGE), ("/label", LABEL_PAGE), ("/review", REVIEW_PAGE))}
     docs_csp = ("default-src 'none'; img-src 'self' data:; connect-src 'self'; script-src 'self' 'unsafe-inline'; "
                 "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'")
 
@@ -283,8 +300,8 @@ def _install_guard(app, access: Access) -> None:
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["X-Frame-Options"] = "DENY"
         docs = request.url.path.startswith(("/docs", "/redoc", "/static-offline-docs"))
-        response.headers["Content-Security-Policy"] = docs_csp if docs else (
-            page_csp if request.url.path == "/" else "default-src 'none'; frame-ancestors 'none'")
+        response.headers["Content-Security-Policy"] = docs_csp if docs else page_csp.get(
+            request.url.path, "default-src 'none'; frame-ancestors 'none'")
         return response
 
     if access.allow_origins:
@@ -344,8 +361,11 @@ def _install_explorer(app, model: ServedModel, access: Access) -> None:
         return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 
-def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Access | None = None):
-    """The web page and the JSON API for one run (checked as it loads: a damaged bundle stops here)."""
+def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Access | None = None,
+               label: tuple | None = None, review: str | os.PathLike | None = None):
+    """The web page and the JSON API for one run (checked as it loads: a damaged bundle stops here).
+    ``label=(UNLABELLED, DATA)`` adds the labelling page at /label (``grow.LabelSession``), ``review=AUDIT_DIR``
+    the page at /review that walks through an audit's likely label errors (``grow.ReviewSession``)."""
     from fastapi import File, Query, UploadFile
     from fastapi.responses import HTMLResponse
     from fastapi_offline import FastAPIOffline
@@ -367,6 +387,14 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Acc
         {500: {"model": ErrorBody, "description": "internal error"}}
     _install_guard(app, access)
     _install_error_handlers(app)
+    if label is not None:
+        from .grow import LabelSession
+
+        _install_labelling(app, LabelSession(model.clf, *label), model.audio)
+    if review is not None:
+        from .grow import ReviewSession
+
+        _install_review(app, ReviewSession(review, model.labels))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
@@ -383,20 +411,7 @@ def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Acc
 
     @app.get("/info", responses=errors)
     async def info():
-        split = model.metrics.get("reported_split")
-        m = model.metrics.get("splits", {}).get(split, {}) if split else {}
-        counts = model.config.data.get("counts", {})
-        classes = []
-        for c in model.labels:
-            pc = m.get("per_class", {}).get(c, {})
-            classes.append({"label": c, "train": counts.get("train", {}).get(c), "val": counts.get("val", {}).get(c),
-                            "test": counts.get("test", {}).get(c), "precision": pc.get("precision"),
-                            "recall": pc.get("recall"), "f1": pc.get("f1"),
-                            "examples": [f"/example/{i}" for i in model.examples.get(c, [])] if access.explorer
-                            else []})
-        return {"backbone": model.config.backbone, "mode": model.config.mode,
-                "backend": model.backend, "metrics": model.config.metrics, "classes": classes,
-                "threshold": model.threshold, "explorer": access.explorer}
+        return model.info(access.explorer)
 
     _install_explorer(app, model, access)
 
@@ -443,12 +458,13 @@ def _spectrogram_uri(data: bytes, cfg) -> str | None:
 
 
 def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
-          access: Access | None = None, on_ready=None) -> None:
+          access: Access | None = None, on_ready=None, label: tuple | None = None,
+          review: str | os.PathLike | None = None) -> None:
     """Load and check the model, then listen; ``on_ready`` is called once the app is built (the CLI
     prints the address then, so a damaged bundle never shows "serving on")."""
     import uvicorn
 
-    app = create_app(run, limits, access or access_for(host))
+    app = create_app(run, limits, access or access_for(host), label=label, review=review)
     if on_ready is not None:
         on_ready()
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
@@ -551,3 +567,234 @@ fetch('/info').then(r=>r.json()).then(info=>{
 }).catch(()=>{$('explorer').textContent='dataset information unavailable';});
 </script></body></html>
 """
+
+
+LABEL_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>foldernet: label</title>
+<style>
+ body{font:15px system-ui,sans-serif;margin:24px;max-width:900px} h1{font-size:20px}
+ #media img{max-width:420px;max-height:420px;min-width:220px;display:block;border:1px solid #ccc}
+ #media audio{display:block;margin-top:8px;width:420px}
+ #classes button{margin:3px;padding:6px 10px;font-size:14px;border:1px solid #888;border-radius:4px;background:#fff}
+ #classes button.guess{border:2px solid #e63946;font-weight:bold}
+ #hint{color:#555;font-size:13px} #status{margin-top:10px;color:#1d3557} .done{color:#2a9d8f}
+</style></head><body>
+<h1>Label: <span id="progress">loading...</span></h1>
+<div id="media"></div>
+<p id="guess"></p>
+<div id="classes"></div>
+<p id="hint">keys: 1-9 a class, Enter the model's guess, s skip, u undo</p>
+<p id="status"></p>
+<script>
+const $ = id => document.getElementById(id);
+let items = [], classes = [], i = 0, trail = [];
+const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
+function render(){
+  $('progress').textContent = Math.min(i + 1, items.length) + ' of ' + items.length;
+  if(i >= items.length){ $('media').innerHTML = '<p class="done">all done</p>'; $('guess').textContent = '';
+    $('classes').innerHTML = ''; return; }
+  const it = items[i];
+  $('media').innerHTML = it.kind === 'audio'
+    ? '<img alt="spectrogram" src="/label/item/' + it.id + '/spectrogram"><audio controls src="/label/item/' + it.id + '"></audio>'
+    : '<img alt="' + esc(it.name) + '" src="/label/item/' + it.id + '">';
+  $('guess').innerHTML = esc(it.name) + ': the model guesses <b>' + esc(it.guess) + '</b> ('
+    + Math.round(100 * it.confidence) + ' %); ' + esc(it.why);
+  $('classes').innerHTML = classes.map((c, k) => '<button data-class="' + esc(c) + '"' + (c === it.guess ? ' class="guess"' : '')
+    + '>' + (k < 9 ? (k + 1) + ' ' : '') + esc(c) + '</button>').join('');
+  for(const b of $('classes').querySelectorAll('button')){ b.addEventListener('click', () => label(b.dataset.class)); }
+}
+async function label(c){
+  if(i >= items.length) return;
+  const it = items[i];
+  const r = await fetch('/label/item/' + it.id, {method: 'POST', headers: {'Content-Type': 'application/json'},
+                                               body: JSON.stringify({label: c})});
+  const j = await r.json();
+  if(!r.ok){ $('status').textContent = j.error || ('error ' + r.status); return; }
+  $('status').textContent = j.copied ? ('copied to ' + j.path) : ('already in ' + c);
+  trail.push({kind: j.copied ? 'label' : 'skip'}); i++; render();
+}
+async function undo(){
+  const last = trail.pop();
+  if(!last) return;
+  if(last.kind === 'label'){
+    const j = await (await fetch('/label/undo', {method: 'POST'})).json();
+    $('status').textContent = j.removed ? 'undone' : ('not undone: ' + (j.note || 'nothing to undo'));
+  } else { $('status').textContent = 'back one'; }
+  i = Math.max(0, i - 1); render();
+}
+document.addEventListener('keydown', e => {
+  if(e.key >= '1' && e.key <= '9'){ const c = classes[Number(e.key) - 1]; if(c) label(c); }
+  else if(e.key === 'Enter' && i < items.length){ label(items[i].guess); }
+  else if(e.key === 's'){ if(i < items.length){ trail.push({kind: 'skip'}); i++; $('status').textContent = 'skipped'; render(); } }
+  else if(e.key === 'u'){ undo(); }
+});
+fetch('/label/queue').then(r => r.json()).then(j => { items = j.items; classes = j.classes; render(); })
+  .catch(() => { $('progress').textContent = 'the queue is unavailable'; });
+</script></body></html>
+"""
+
+
+def _install_labelling(app, session, audio_cfg) -> None:
+    """``serve --label PILE --into DATA``: the page at /label and the calls it makes. Each answer copies
+    the file into DATA/<class>/ (``grow.LabelSession``); files are addressed by their place in the queue."""
+    from fastapi import Body
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    from .errors import FoldernetError
+    from .modality import modality_of
+
+    def kind(i: int) -> str:
+        m = modality_of(session.path(i))
+        return m.kind if m is not None else "image"
+
+    @app.get("/label", response_class=HTMLResponse, include_in_schema=False)
+    async def label_page():
+        return HTMLResponse(LABEL_PAGE)
+
+    @app.get("/label/queue", include_in_schema=False)
+    async def label_queue():
+        items = [{**it, "kind": kind(it["id"])} for it in session.queue()]
+        return {"classes": session.labels, "items": items, "unreadable": len(session.skipped),
+                "duplicates_left_out": len(session.dropped)}
+
+    @app.get("/label/item/{item}", include_in_schema=False)
+    async def label_item(item: int):
+        try:
+            path = session.path(item)
+        except FoldernetError:
+            return JSONResponse({"error": "no such item"}, status_code=404)
+        if kind(item) == "audio":
+            media = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".ogg": "audio/ogg", ".flac": "audio/flac"}
+            data = await asyncio.to_thread(path.read_bytes)
+            return Response(data, media_type=media.get(path.suffix.lower(), "application/octet-stream"))
+        img = await asyncio.to_thread(thumbnail_jpeg, path, 480, 88)
+        if img is None:
+            return JSONResponse({"error": "unreadable"}, status_code=404)
+        return Response(img, media_type="image/jpeg")
+
+    @app.get("/label/item/{item}/spectrogram", include_in_schema=False)
+    async def label_spectrogram(item: int):
+        from .audio import spectrogram_png
+
+        try:
+            png = await asyncio.to_thread(spectrogram_png, session.path(item), audio_cfg)
+        except Exception:  # noqa: BLE001 - a picture is a convenience; the player still plays
+            return JSONResponse({"error": "no spectrogram"}, status_code=404)
+        return Response(png, media_type="image/png")
+
+    @app.post("/label/item/{item}", include_in_schema=False)
+    async def label_answer(item: int, body: dict = Body(...)):
+        try:
+            return await asyncio.to_thread(session.label, item, str(body.get("label", "")))
+        except FoldernetError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.post("/label/undo", include_in_schema=False)
+    async def label_undo():
+        return await asyncio.to_thread(session.undo)
+
+
+REVIEW_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>foldernet: review</title>
+<style>
+ body{font:15px system-ui,sans-serif;margin:24px;max-width:1000px} h1{font-size:20px}
+ #media{display:flex;gap:16px} #media figure{margin:0} #media img{max-width:380px;max-height:380px;min-width:200px;border:1px solid #ccc}
+ #classes button,#actions button{margin:3px;padding:6px 10px;font-size:14px;border:1px solid #888;border-radius:4px;background:#fff}
+ #classes button.suggested{border:2px solid #e63946;font-weight:bold}
+ #hint{color:#555;font-size:13px} #status{margin-top:10px;color:#1d3557} .done{color:#2a9d8f}
+</style></head><body>
+<h1>Review: <span id="progress">loading...</span></h1>
+<div id="media"></div>
+<p id="why"></p>
+<div id="actions"><button data-act="keep">k keep</button><button data-act="relabel">r relabel as suggested</button>
+<button data-act="quarantine">q quarantine</button></div>
+<div id="classes"></div>
+<p id="hint">keys: k keep, r relabel as suggested, 1-9 relabel as that class, q quarantine, s skip, u undo.
+Nothing moves but on your word; foldernet restore undoes every move.</p>
+<p id="status"></p>
+<script>
+const $ = id => document.getElementById(id);
+let items = [], classes = [], i = 0, trail = [];
+const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
+function render(){
+  $('progress').textContent = Math.min(i + 1, items.length) + ' of ' + items.length;
+  if(i >= items.length){ $('media').innerHTML = '<p class="done">all reviewed</p>'; $('why').textContent = '';
+    $('classes').innerHTML = ''; return; }
+  const it = items[i];
+  $('media').innerHTML = '<figure><img alt="' + esc(it.name) + '" src="/review/item/' + it.id + '"><figcaption>' + esc(it.path)
+    + ' (filed as <b>' + esc(it.given) + '</b>)</figcaption></figure>'
+    + (it.other_id !== null ? '<figure><img alt="other" src="/review/item/' + it.other_id + '"><figcaption>its duplicate</figcaption></figure>' : '');
+  $('why').innerHTML = esc(it.why) + '; suggested: <b>' + esc(it.suggested) + '</b>';
+  $('classes').innerHTML = classes.map((c, k) => '<button data-class="' + esc(c) + '"' + (c === it.suggested ? ' class="suggested"' : '')
+    + '>' + (k < 9 ? (k + 1) + ' ' : '') + esc(c) + '</button>').join('');
+  for(const b of $('classes').querySelectorAll('button')){ b.addEventListener('click', () => decide('relabel', b.dataset.class)); }
+}
+async function decide(decision, label){
+  if(i >= items.length) return;
+  const r = await fetch('/review/item/' + items[i].id, {method: 'POST', headers: {'Content-Type': 'application/json'},
+                                                      body: JSON.stringify({decision: decision, label: label || null})});
+  const j = await r.json();
+  if(!r.ok){ $('status').textContent = j.error || ('error ' + r.status); return; }
+  $('status').textContent = decision + (j.moved_to ? ': moved to ' + j.moved_to : '');
+  trail.push('decision'); i++; render();
+}
+async function undo(){
+  const last = trail.pop();
+  if(!last) return;
+  if(last === 'decision'){
+    const j = await (await fetch('/review/undo', {method: 'POST'})).json();
+    $('status').textContent = j.undone !== null ? 'undone' : ('not undone: ' + (j.note || 'nothing to undo'));
+  } else { $('status').textContent = 'back one'; }
+  i = Math.max(0, i - 1); render();
+}
+for(const b of document.querySelectorAll('#actions button')){ b.addEventListener('click', () => decide(b.dataset.act)); }
+document.addEventListener('keydown', e => {
+  if(e.key >= '1' && e.key <= '9'){ const c = classes[Number(e.key) - 1]; if(c) decide('relabel', c); }
+  else if(e.key === 'k'){ decide('keep'); } else if(e.key === 'r'){ decide('relabel'); }
+  else if(e.key === 'q'){ decide('quarantine'); } else if(e.key === 'u'){ undo(); }
+  else if(e.key === 's' && i < items.length){ trail.push('skip'); i++; $('status').textContent = 'skipped'; render(); }
+});
+fetch('/review/queue').then(r => r.json()).then(j => { items = j.items; classes = j.classes; render(); })
+  .catch(() => { $('progress').textContent = 'the review queue is unavailable'; });
+</script></body></html>
+"""
+
+
+def _install_review(app, session) -> None:
+    """``serve --review AUDIT_DIR``: the page at /review and the calls it makes (``grow.ReviewSession``)."""
+    from fastapi import Body
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    from .errors import FoldernetError
+
+    @app.get("/review", response_class=HTMLResponse, include_in_schema=False)
+    async def review_page():
+        return HTMLResponse(REVIEW_PAGE)
+
+    @app.get("/review/queue", include_in_schema=False)
+    async def review_queue():
+        return {"classes": session.labels, "items": session.queue()}
+
+    @app.get("/review/item/{item}", include_in_schema=False)
+    async def review_item(item: int):
+        try:
+            path = session.path(item)
+        except FoldernetError:
+            return JSONResponse({"error": "no such item"}, status_code=404)
+        img = await asyncio.to_thread(thumbnail_jpeg, path, 400, 88)
+        if img is None:
+            return JSONResponse({"error": "unavailable (moved, or not an image)"}, status_code=404)
+        return Response(img, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    @app.post("/review/item/{item}", include_in_schema=False)
+    async def review_decide(item: int, body: dict = Body(...)):
+        try:
+            return await asyncio.to_thread(session.decide, item, str(body.get("decision", "")), body.get("label"))
+        except FoldernetError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.post("/review/undo", include_in_schema=False)
+    async def review_undo():
+        return await asyncio.to_thread(session.undo)
