@@ -569,27 +569,41 @@ fetch('/info').then(r=>r.json()).then(info=>{
 """
 
 
-LABEL_PAGE = """<!doctype html>
+def _session_page(title: str, css: str, body: str, script: str) -> str:
+    """A page of the labelling or review session: shared look, helpers (``$``, ``esc``, ``post``) and
+    one inline script and style, each allowed by its hash in the CSP."""
+    return ("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>foldernet: label</title>
+<title>foldernet: """ + title + """</title>
 <style>
- body{font:15px system-ui,sans-serif;margin:24px;max-width:900px} h1{font-size:20px}
+ body{font:15px system-ui,sans-serif;margin:24px;max-width:1000px} h1{font-size:20px}
+ button{margin:3px;padding:6px 10px;font-size:14px;border:1px solid #888;border-radius:4px;background:#fff}
+ #hint{color:#555;font-size:13px} #status{margin-top:10px;color:#1d3557} .done{color:#2a9d8f}
+""" + css + """</style></head><body>
+""" + body + """
+<script>
+const $ = id => document.getElementById(id);
+const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
+async function post(url, body){
+  const r = await fetch(url, {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body || {})});
+  return [r.ok, await r.json()];
+}
+""" + script + """
+</script></body></html>
+""")
+
+
+LABEL_PAGE = _session_page("label", """
  #media img{max-width:420px;max-height:420px;min-width:220px;display:block;border:1px solid #ccc}
  #media audio{display:block;margin-top:8px;width:420px}
- #classes button{margin:3px;padding:6px 10px;font-size:14px;border:1px solid #888;border-radius:4px;background:#fff}
  #classes button.guess{border:2px solid #e63946;font-weight:bold}
- #hint{color:#555;font-size:13px} #status{margin-top:10px;color:#1d3557} .done{color:#2a9d8f}
-</style></head><body>
-<h1>Label: <span id="progress">loading...</span></h1>
+""", """<h1>Label: <span id="progress">loading...</span></h1>
 <div id="media"></div>
 <p id="guess"></p>
 <div id="classes"></div>
 <p id="hint">keys: 1-9 a class, Enter the model's guess, s skip, u undo</p>
-<p id="status"></p>
-<script>
-const $ = id => document.getElementById(id);
+<p id="status"></p>""", """
 let items = [], classes = [], i = 0, trail = [];
-const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
 function render(){
   $('progress').textContent = Math.min(i + 1, items.length) + ' of ' + items.length;
   if(i >= items.length){ $('media').innerHTML = '<p class="done">all done</p>'; $('guess').textContent = '';
@@ -606,19 +620,16 @@ function render(){
 }
 async function label(c){
   if(i >= items.length) return;
-  const it = items[i];
-  const r = await fetch('/label/item/' + it.id, {method: 'POST', headers: {'Content-Type': 'application/json'},
-                                               body: JSON.stringify({label: c})});
-  const j = await r.json();
-  if(!r.ok){ $('status').textContent = j.error || ('error ' + r.status); return; }
+  const [ok, j] = await post('/label/item/' + items[i].id, {label: c});
+  if(!ok){ $('status').textContent = j.error || 'error'; return; }
   $('status').textContent = j.copied ? ('copied to ' + j.path) : ('already in ' + c);
-  trail.push({kind: j.copied ? 'label' : 'skip'}); i++; render();
+  trail.push(j.copied ? 'answer' : 'skip'); i++; render();
 }
 async function undo(){
   const last = trail.pop();
   if(!last) return;
-  if(last.kind === 'label'){
-    const j = await (await fetch('/label/undo', {method: 'POST'})).json();
+  if(last === 'answer'){
+    const [, j] = await post('/label/undo');
     $('status').textContent = j.removed ? 'undone' : ('not undone: ' + (j.note || 'nothing to undo'));
   } else { $('status').textContent = 'back one'; }
   i = Math.max(0, i - 1); render();
@@ -626,13 +637,11 @@ async function undo(){
 document.addEventListener('keydown', e => {
   if(e.key >= '1' && e.key <= '9'){ const c = classes[Number(e.key) - 1]; if(c) label(c); }
   else if(e.key === 'Enter' && i < items.length){ label(items[i].guess); }
-  else if(e.key === 's'){ if(i < items.length){ trail.push({kind: 'skip'}); i++; $('status').textContent = 'skipped'; render(); } }
+  else if(e.key === 's' && i < items.length){ trail.push('skip'); i++; $('status').textContent = 'skipped'; render(); }
   else if(e.key === 'u'){ undo(); }
 });
 fetch('/label/queue').then(r => r.json()).then(j => { items = j.items; classes = j.classes; render(); })
-  .catch(() => { $('progress').textContent = 'the queue is unavailable'; });
-</script></body></html>
-"""
+  .catch(() => { $('progress').textContent = 'the queue is unavailable'; });""")
 
 
 def _install_labelling(app, session, audio_cfg) -> None:
@@ -695,17 +704,11 @@ def _install_labelling(app, session, audio_cfg) -> None:
         return await asyncio.to_thread(session.undo)
 
 
-REVIEW_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>foldernet: review</title>
-<style>
- body{font:15px system-ui,sans-serif;margin:24px;max-width:1000px} h1{font-size:20px}
- #media{display:flex;gap:16px} #media figure{margin:0} #media img{max-width:380px;max-height:380px;min-width:200px;border:1px solid #ccc}
- #classes button,#actions button{margin:3px;padding:6px 10px;font-size:14px;border:1px solid #888;border-radius:4px;background:#fff}
+REVIEW_PAGE = _session_page("review", """
+ #media{display:flex;gap:16px} #media figure{margin:0}
+ #media img{max-width:380px;max-height:380px;min-width:200px;border:1px solid #ccc}
  #classes button.suggested{border:2px solid #e63946;font-weight:bold}
- #hint{color:#555;font-size:13px} #status{margin-top:10px;color:#1d3557} .done{color:#2a9d8f}
-</style></head><body>
-<h1>Review: <span id="progress">loading...</span></h1>
+""", """<h1>Review: <span id="progress">loading...</span></h1>
 <div id="media"></div>
 <p id="why"></p>
 <div id="actions"><button data-act="keep">k keep</button><button data-act="relabel">r relabel as suggested</button>
@@ -713,11 +716,8 @@ REVIEW_PAGE = """<!doctype html>
 <div id="classes"></div>
 <p id="hint">keys: k keep, r relabel as suggested, 1-9 relabel as that class, q quarantine, s skip, u undo.
 Nothing moves but on your word; foldernet restore undoes every move.</p>
-<p id="status"></p>
-<script>
-const $ = id => document.getElementById(id);
+<p id="status"></p>""", """
 let items = [], classes = [], i = 0, trail = [];
-const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
 function render(){
   $('progress').textContent = Math.min(i + 1, items.length) + ' of ' + items.length;
   if(i >= items.length){ $('media').innerHTML = '<p class="done">all reviewed</p>'; $('why').textContent = '';
@@ -733,10 +733,8 @@ function render(){
 }
 async function decide(decision, label){
   if(i >= items.length) return;
-  const r = await fetch('/review/item/' + items[i].id, {method: 'POST', headers: {'Content-Type': 'application/json'},
-                                                      body: JSON.stringify({decision: decision, label: label || null})});
-  const j = await r.json();
-  if(!r.ok){ $('status').textContent = j.error || ('error ' + r.status); return; }
+  const [ok, j] = await post('/review/item/' + items[i].id, {decision: decision, label: label || null});
+  if(!ok){ $('status').textContent = j.error || 'error'; return; }
   $('status').textContent = decision + (j.moved_to ? ': moved to ' + j.moved_to : '');
   trail.push('decision'); i++; render();
 }
@@ -744,7 +742,7 @@ async function undo(){
   const last = trail.pop();
   if(!last) return;
   if(last === 'decision'){
-    const j = await (await fetch('/review/undo', {method: 'POST'})).json();
+    const [, j] = await post('/review/undo');
     $('status').textContent = j.undone !== null ? 'undone' : ('not undone: ' + (j.note || 'nothing to undo'));
   } else { $('status').textContent = 'back one'; }
   i = Math.max(0, i - 1); render();
@@ -757,9 +755,7 @@ document.addEventListener('keydown', e => {
   else if(e.key === 's' && i < items.length){ trail.push('skip'); i++; $('status').textContent = 'skipped'; render(); }
 });
 fetch('/review/queue').then(r => r.json()).then(j => { items = j.items; classes = j.classes; render(); })
-  .catch(() => { $('progress').textContent = 'the review queue is unavailable'; });
-</script></body></html>
-"""
+  .catch(() => { $('progress').textContent = 'the review queue is unavailable'; });""")
 
 
 def _install_review(app, session) -> None:
