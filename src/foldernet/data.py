@@ -100,6 +100,13 @@ def _walk_files(folder: Path, skipped: list, root: Path) -> list[Path]:
     return out
 
 
+def regex_key(pattern: re.Pattern, relpath: str) -> str | None:
+    """What a label or group regex takes from a relative path: its first group (the whole match when
+    it has none), or None when it does not match."""
+    m = pattern.search(relpath)
+    return (m.group(1) if m.groups() else m.group(0)) if m else None
+
+
 def _rel(path: Path, root: Path) -> str:
     try:
         rel = path.relative_to(root)
@@ -147,11 +154,11 @@ def _candidates(root: Path, label_regex: str | None, skipped: list, warn: list):
     if label_regex:
         pattern = re.compile(label_regex)
         for f in _walk_files(root, skipped, root):
-            m = pattern.search(_rel(f, root))
-            if m is None:
+            label = regex_key(pattern, _rel(f, root))
+            if label is None:
                 skipped.append((_rel(f, root), f"label regex {label_regex!r} does not match the path"))
                 continue
-            candidates.append((f, _nfc(m.group(1) if m.groups() else m.group(0)), None))
+            candidates.append((f, _nfc(label), None))
     else:
         for sdir in (split_dirs if predefined else [root]):
             split = split_dirs.get(sdir) if predefined else None
@@ -205,10 +212,7 @@ def scan(root: str | os.PathLike, check: bool = True, label_regex: str | None = 
         if reason:
             skipped.append((rel, reason))
             continue
-        group = None
-        if gpat is not None:
-            m = gpat.search(rel)
-            group = (m.group(1) if m.groups() else m.group(0)) if m else None
+        group = regex_key(gpat, rel) if gpat is not None else None
         items.append(Item(path=f, relpath=rel, label=label, split=split, group=group))
 
     classes = sorted({label for _, label, _ in candidates} | {c for c, _, _ in class_dirs})

@@ -150,10 +150,11 @@ def apply_grouping(ds: Dataset, group_by: str | None, features=None) -> None:
         raise FoldernetError(f"{ds.root} already has train/val/test folders; --group-by applies to splits that "
                              "foldernet makes. Merge the folders or drop --group-by.")
     if group_by.startswith("regex:"):
+        from .data import regex_key
+
         pat = re.compile(group_by[len("regex:"):])
         for it in ds.items:
-            m = pat.search(it.relpath)
-            it.group = (m.group(1) if m.groups() else m.group(0)) if m else None
+            it.group = regex_key(pat, it.relpath)
     elif group_by.startswith("csv:"):
         path = Path(group_by[len("csv:"):])
         if not path.is_file():
