@@ -54,6 +54,7 @@ class BundleConfig:
     threshold: float | None = None
     similarity_threshold: float | None = None
     threshold_rule: str = ""
+    operating_point: dict | None = None   # --min-precision: asked, threshold, coverage and precision on val
     label_map: dict | None = None
     seed: int = 0
     group_by: str | None = None

@@ -98,3 +98,50 @@ def not_sure_reasons(probs: np.ndarray, similarity: np.ndarray | None, threshold
            else np.zeros(len(probs), bool))
     return ["; ".join(r for r, on in ((LOW_CONFIDENCE, lo), (UNFAMILIAR, fa)) if on) for lo, fa in zip(low, far)]
 
+
+
+def risk_coverage(probs: np.ndarray, y: np.ndarray, points: int = 20) -> list[dict]:
+    """Accuracy of the answers kept when only the most confident fraction is answered, for coverages
+    1/points .. 1 (the risk-coverage curve): how much answering less buys."""
+    if not len(y):
+        return []
+    conf = probs.max(1)
+    order = np.argsort(-conf, kind="stable")
+    correct = (probs.argmax(1) == y)[order]
+    out = []
+    for k in range(1, points + 1):
+        n = max(1, int(round(len(y) * k / points)))
+        out.append({"coverage": round(n / len(y), 4), "accuracy": round(float(correct[:n].mean()), 4),
+                    "threshold": round(float(conf[order][n - 1]), 6)})
+    return out
+
+
+def operating_point(probs: np.ndarray, y: np.ndarray, min_precision: float) -> float | None:
+    """The lowest confidence threshold at which the answers kept (confidence >= it) are right at least
+    ``min_precision`` of the time: the most coverage the target allows. None when no threshold reaches it."""
+    conf = probs.max(1)
+    order = np.argsort(-conf, kind="stable")
+    correct = (probs.argmax(1) == y)[order].astype(float)
+    precision = np.cumsum(correct) / np.arange(1, len(y) + 1)
+    ok = np.flatnonzero(precision >= min_precision)
+    if not len(ok):
+        return None
+    k = int(ok.max())
+    return float(conf[order][k])
+
+
+def crossfit_operating_point(probs: np.ndarray, y: np.ndarray, min_precision: float, seed: int = 0) -> dict:
+    """How the operating point holds on images that did not choose it: two halves of the validation
+    split, each threshold chosen on one half and measured on the other (coverage and precision, averaged)."""
+    rng = np.random.default_rng(seed)
+    half = rng.permutation(len(y)) < len(y) // 2
+    covered, right = [], []
+    for fit, test in ((half, ~half), (~half, half)):
+        t = operating_point(probs[fit], y[fit], min_precision) if fit.any() else None
+        if t is None or not test.any():
+            continue
+        kept = probs[test].max(1) >= t
+        covered.append(float(kept.mean()))
+        right.append(float((probs[test].argmax(1) == y[test])[kept].mean()) if kept.any() else float("nan"))
+    return {"crossfit_coverage": round(float(np.mean(covered)), 4) if covered else None,
+            "crossfit_precision": round(float(np.nanmean(right)), 4) if right and not np.all(np.isnan(right)) else None}

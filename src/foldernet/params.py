@@ -157,6 +157,9 @@ TRAIN = [
     _p("head_lr", float, 1e-3, "head learning rate (AdamW)", 0, 10, low_open=True, section="head"),
     _p("balance", str, "auto", "class imbalance: auto (weights above ratio 3) | off | weights | sampler",
        choices=("auto", "off", "weights", "sampler"), section="head"),
+    _p("min_precision", float, None, "'not sure' below the confidence at which the answers kept are right this "
+       "often on val (e.g. 0.98): answer less, but be right more; the operating point is kept in the bundle",
+       0, 1, low_open=True, high_open=True, optional=True, section="head"),
     _p("refit", bool, False, "head mode: once early stopping has chosen the epochs on val, train the head again "
        "on train + val (val figures stay those of the head that never saw val)", section="head"),
     # fine-tuning (mode finetune, or backbone scratch)

@@ -86,6 +86,37 @@ def reliability_png(m: dict) -> bytes | None:
     return _png(fig)
 
 
+def risk_coverage_png(m: dict, point: dict | None) -> bytes | None:
+    """Accuracy of the answers kept vs the share answered (most confident first), with the bundle's
+    operating point when --min-precision chose one."""
+    curve = m.get("risk_coverage")
+    if not curve:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([c["coverage"] for c in curve], [c["accuracy"] for c in curve], marker="o", color="#1d3557")
+    if point and point.get("threshold") is not None and point.get("val_coverage") is not None:
+        ax.axhline(point["min_precision"], ls="--", color="#e63946", label=f"asked: {point['min_precision']:.0%}")
+        ax.axvline(point["val_coverage"], ls=":", color="#e63946", label=f"answered on val: {point['val_coverage']:.0%}")
+        ax.legend(loc="lower left")
+    ax.set_xlabel("share answered (most confident first)")
+    ax.set_ylabel("accuracy of the answers")
+    ax.set_title("risk-coverage")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _operating_point_text(point: dict | None) -> str:
+    if not point:
+        return ""
+    if point.get("threshold") is None:
+        return f"<p>--min-precision {point['min_precision']}: no threshold reached it on val; the default rule stays.</p>"
+    return (f"<p>Operating point (--min-precision {point['min_precision']}): answer when the calibrated "
+            f"confidence is at least {point['threshold']:.4f}. On val it answers {_pct(point['val_coverage'])} at "
+            f"{_pct(point['val_precision'])}; cross-fitted on unseen halves of val: {_pct(point['crossfit_coverage'])} "
+            f"at {_pct(point['crossfit_precision'])}.</p>")
+
+
 def _pct(x) -> str:
     return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}%"
 
@@ -176,8 +207,11 @@ def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = N
     parts.append("<section id='curves'><h2>Training curves</h2>"
                  + (f"<img alt='training curves' src='{curves}'>" if curves else "<p>no history</p>") + "</section>")
     rel = _uri(reliability_png(m)) if m else None
-    parts.append("<section id='calibration'><h2>Calibration (reliability diagram)</h2>"
-                 + (f"<img alt='reliability diagram' src='{rel}'>" if rel else "<p>no validation data</p>") + "</section>")
+    rc = _uri(risk_coverage_png(m, cfg.get("operating_point"))) if m else None
+    parts.append("<section id='calibration'><h2>Calibration (reliability diagram) and risk-coverage</h2>"
+                 + (f"<img alt='reliability diagram' src='{rel}'>" if rel else "<p>no validation data</p>")
+                 + (f"<img alt='risk-coverage curve' src='{rc}'>" if rc else "")
+                 + _operating_point_text(cfg.get("operating_point")) + "</section>")
 
     gallery = []
     pred_file = run / "predictions.csv"

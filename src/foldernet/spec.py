@@ -55,6 +55,7 @@ class HeadSpec:
     patience: int = 15
     head_lr: float = 1e-3
     balance: str = "auto"
+    min_precision: float | None = None
     refit: bool = False
     weight_decay: float = 1e-4
     batch_size: int = 64

@@ -15,7 +15,8 @@ import numpy as np
 from rich.text import Text
 
 from .bundle import BundleConfig, save_bundle
-from .calibration import K_NEIGHBOURS, NOT_SURE_QUANTILE, choose_thresholds, fit_temperature, not_sure_mask
+from .calibration import (K_NEIGHBOURS, NOT_SURE_QUANTILE, choose_thresholds, crossfit_operating_point,
+                          fit_temperature, not_sure_mask, operating_point)
 from .data import Dataset, scan
 from .dedup import LEAKAGE_TOLERANCE, check_leakage
 from .encoder import Encoder
@@ -103,7 +104,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
                 [it.path for it in ds.items], desc="features (fine-tuned)", progress=spec.run.progress).vectors
             timings["features_finetuned"] = time.perf_counter() - t
         t = time.perf_counter()
-        thresholds = calibrate(head, feats.vectors, rows)
+        thresholds = calibrate(head, feats.vectors, rows, spec.head.min_precision)
         heads, fit_rows, refit = refit_head(head, feats.vectors, rows, spec, weights, verbose=rank == 0)
         metrics, pred_rows = score(heads, feats.vectors, rows, fit_rows, thresholds, label_map, ds)
         timings["evaluate"] = time.perf_counter() - t
@@ -263,17 +264,40 @@ class Thresholds:
 
     confidence: float | None = None
     similarity: float | None = None
+    operating_point: dict | None = None   # --min-precision: what was asked and what val says it gives
 
 
-def calibrate(head: LinearHead, vectors: np.ndarray, rows: Rows) -> Thresholds:
-    """Temperature scaling and the "not sure" thresholds, both on the validation split."""
+def calibrate(head: LinearHead, vectors: np.ndarray, rows: Rows, min_precision: float | None = None) -> Thresholds:
+    """Temperature scaling and the "not sure" thresholds, both on the validation split. With
+    ``min_precision`` the confidence threshold rises to where the answers kept reach it on val (and
+    how that holds on unseen images is estimated by cross-fitting two halves of val)."""
     x_val = rows.x(vectors, "val")
     if x_val is None:
+        if min_precision is not None:
+            console.print("note: --min-precision needs a validation split; ignored here")
         return Thresholds()
     y_val = rows.y[rows.sel["val"]]
     head.temperature = fit_temperature(head.logits(x_val), y_val)
     sims = knn_similarity(unit_rows(vectors[rows.sel["train"]]), x_val, K_NEIGHBOURS)
-    return Thresholds(*choose_thresholds(head.proba(x_val), y_val, sims))
+    probs = head.proba(x_val)
+    thresholds = Thresholds(*choose_thresholds(probs, y_val, sims))
+    if min_precision is None:
+        return thresholds
+    point = operating_point(probs, y_val, min_precision)
+    facts = {"min_precision": min_precision, **crossfit_operating_point(probs, y_val, min_precision)}
+    if point is None:
+        console.print(f"note: no confidence threshold reaches precision {min_precision} on val; the default "
+                      "'not sure' rule stays")
+        thresholds.operating_point = {**facts, "threshold": None}
+        return thresholds
+    thresholds.confidence = max(point, thresholds.confidence or 0.0)
+    kept = probs.max(1) >= thresholds.confidence
+    thresholds.operating_point = {**facts, "threshold": thresholds.confidence, "val_coverage": round(float(kept.mean()), 4),
+                                  "val_precision": round(float((probs.argmax(1) == y_val)[kept].mean()), 4)}
+    console.print(f"operating point: answer when confidence >= {thresholds.confidence:.4f}; on val that answers "
+                  f"{kept.mean():.1%} at precision {thresholds.operating_point['val_precision']:.1%} (cross-fitted: "
+                  f"{facts['crossfit_coverage']} at {facts['crossfit_precision']})", markup=False)
+    return thresholds
 
 
 def refit_head(head: LinearHead, vectors: np.ndarray, rows: Rows, spec: TrainSpec, weights: np.ndarray | None,
@@ -361,6 +385,7 @@ def bundle_config(spec: TrainSpec, encoder: Encoder, ds: Dataset, rows: Rows, he
         kind=ds.kind, audio=encoder.audio, spectrogram_stats=encoder.spectrogram_stats, refit=(
             {k: v for k, v in refit.items() if k != "history"} if refit else None),
         temperature=head.temperature, threshold=thresholds.confidence, similarity_threshold=thresholds.similarity,
+        operating_point=thresholds.operating_point,
         threshold_rule=f"not sure when the calibrated top-1 confidence < threshold or the mean cosine similarity "
                        f"to the {K_NEIGHBOURS} nearest training images < similarity_threshold; each is the "
                        f"{NOT_SURE_QUANTILE / 2:.2%} quantile of that score over correctly classified validation "
