@@ -182,3 +182,27 @@ def test_min_precision_sets_an_operating_point_the_bundle_keeps(digits_dir, trai
     page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
     assert "risk-coverage curve" in page and "Operating point (--min-precision 0.99)" in page
     assert foldernet.load(tmp_path / "run").threshold == point["threshold"]  # predict and serve use it
+
+
+def test_tta_flip_is_part_of_the_model_and_of_its_export(digits_dir, trained_run, tmp_path):
+    """--tta flip: the bundle answers an image and its mirror alike (the average is inside the model),
+    the ONNX export agrees with it, and --tta auto decides by the validation loss it records."""
+    from PIL import Image, ImageOps
+
+    out = tmp_path / "flip"
+    r = foldernet.train(digits_dir, out=out, tta="flip", progress=False, report=False)
+    assert r.config["tta"] == "flip" and r.metrics["tta"]["used"]
+    img = Image.open(sorted((digits_dir / "2_two").glob("*.png"))[0]).convert("RGB")
+    img.save(tmp_path / "a.png")
+    ImageOps.mirror(img).save(tmp_path / "b.png")
+    model = foldernet.load(out, engine="torch")
+    a, b = (p.top for p in model.predict([tmp_path / "a.png", tmp_path / "b.png"], top_k=10))
+    assert dict(a) == pytest.approx(dict(b), abs=1e-4)  # mirror-invariant by construction
+    plain = foldernet.load(trained_run.run_dir, engine="torch")  # the plain model is not
+    pa, pb = (p.top for p in plain.predict([tmp_path / "a.png", tmp_path / "b.png"], top_k=10))
+    assert dict(pa) != pytest.approx(dict(pb), abs=1e-4)
+    report = foldernet.export(out)
+    assert report["fp32"]["top1_agreement"] == 1.0
+    auto = foldernet.train(digits_dir, out=tmp_path / "auto", tta="auto", progress=False, report=False)
+    t = auto.metrics["tta"]
+    assert t["used"] == (t["val_loss_flip"] < t["val_loss_plain"]) and auto.config["tta"] == ("flip" if t["used"] else None)

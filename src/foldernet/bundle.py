@@ -49,6 +49,7 @@ class BundleConfig:
     kind: str = "image"
     audio: object = None                  # audio.AudioConfig of a model of sounds
     spectrogram_stats: bool = False
+    tta: str | None = None                # "flip": the saved backbone averages each input with its mirror
     refit: dict | None = None
     temperature: float = 1.0
     threshold: float | None = None
@@ -124,6 +125,8 @@ class BundleConfig:
         temperature = d.get("temperature", 1.0)
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise damaged(where, f"config.json 'temperature' is {temperature!r}")
+        if d.get("tta") not in (None, "flip"):
+            raise damaged(where, f"config.json 'tta' is {d.get('tta')!r}")
         for key in ("threshold", "similarity_threshold"):
             if d.get(key) is not None and not isinstance(d[key], (int, float)):
                 raise damaged(where, f"config.json '{key}' is {d[key]!r}")
@@ -388,6 +391,8 @@ class Classifier(Predictor):
         encoder = Encoder(create_backbone(cfg.backbone, pretrained=False), cfg.preprocess, cfg.audio)
         if cfg.spectrogram_stats:
             encoder = encoder.with_spectrogram_stats()
+        if cfg.tta == "flip":
+            encoder = encoder.with_tta()
         state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
         try:
             encoder.model.load_state_dict(state, strict=True)

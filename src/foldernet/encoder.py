@@ -21,6 +21,7 @@ class Encoder:
     preprocess: Preprocess
     audio: object = None               # audio.AudioConfig for a model of sounds
     spectrogram_stats: bool = False
+    tta: str | None = None             # "flip": features averaged over the input and its mirror image
 
     @classmethod
     def build(cls, name: str = DEFAULT_BACKBONE, kind: str = "image", weights: str | os.PathLike | None = None,
@@ -56,6 +57,23 @@ class Encoder:
 
         return replace(self, backbone=add_spectrogram_stats(self.backbone, self.preprocess.size),
                        spectrogram_stats=True)
+
+    def with_tta(self) -> "Encoder":
+        """Features averaged over the input and its left-right mirror. The head is linear, so this is
+        the same as averaging the logits of both views; it is part of the model (and of its ONNX graph),
+        so predict, serve and the export all do it without knowing."""
+        import torch
+        from torch import nn
+
+        class FlipAveraged(nn.Module):
+            def __init__(self, net: nn.Module):
+                super().__init__()
+                self.net = net
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return 0.5 * (self.net(x) + self.net(torch.flip(x, dims=[3])))
+
+        return replace(self, backbone=replace(self.backbone, model=FlipAveraged(self.model).eval()), tta="flip")
 
     def with_model(self, model) -> "Encoder":
         """The same encoder around other weights (after fine-tuning)."""

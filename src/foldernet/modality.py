@@ -43,6 +43,8 @@ class Modality:
     def supports_spectrogram_stats(self, mode: str) -> bool:
         return False
 
+    supports_flip = False  # is a mirror image the same thing? (a photo: yes; a spectrogram reversed in time: no)
+
     def file_findings(self, rel: str, fp: dict) -> list[tuple[str, dict]]:
         """Audit findings about one readable input from its fingerprint: (kind, entry) pairs."""
         return []
@@ -62,6 +64,7 @@ TOO_SHORT_SECONDS = 0.1
 class ImageModality(Modality):
     kind = "image"
     noun = "image"
+    supports_flip = True
 
     def __init__(self):
         from .data import IMAGE_EXTENSIONS

@@ -147,6 +147,9 @@ TRAIN = [
        section="model"),
     _p("engine", str, "onnx", "feature extraction: onnx (fast CPU path) or torch", choices=("onnx", "torch"),
        section="model"),
+    _p("tta", str, "off", "test-time augmentation for images: flip averages each input with its mirror image "
+       "(twice the compute per prediction); auto keeps it when it lowers the validation loss",
+       choices=("off", "flip", "auto"), section="model"),
     _p("spectrogram_stats", bool, False, "audio, head mode: append spectrogram statistics per time segment "
        "(band levels, MFCCs, envelope); for clips of one sound event each, such as instrument notes",
        section="model"),

@@ -157,7 +157,8 @@ def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = N
         ["classes", f"{len(cfg['labels'])}: " + e(", ".join(cfg["labels"][:30])) + (" ..." if len(cfg["labels"]) > 30 else "")],
         ["split sizes", f"train {sizes.get('train', 0)}, val {sizes.get('val', 0)}, test {sizes.get('test', 0)}"
          + (" (from the folder layout)" if cfg["data"].get("predefined_split") else "")],
-        ["backbone", f"{e(cfg['backbone'])} ({e(cfg['weights_source'])}), mode {e(cfg['mode'])}, engine {e(cfg.get('engine', ''))}"],
+        ["backbone", f"{e(cfg['backbone'])} ({e(cfg['weights_source'])}), mode {e(cfg['mode'])}, engine {e(cfg.get('engine', ''))}"
+                     + (", test-time flip (each input averaged with its mirror image)" if cfg.get("tta") else "")],
         *([["sound", _audio_settings(cfg)]] if cfg.get("audio") else []),
         *([["refit", f"head retrained on train + val ({cfg['refit']['rows']} examples) for the "
                      f"{cfg['refit']['epochs']} epochs early stopping chose on val; the val figures are those "

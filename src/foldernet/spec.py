@@ -39,6 +39,7 @@ class ModelSpec:
     mode: str = "head"
     img_size: int | None = None
     engine: str = "onnx"
+    tta: str = "off"
     spectrogram_stats: bool = False
 
     @property

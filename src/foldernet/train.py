@@ -104,11 +104,12 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
                 [it.path for it in ds.items], desc="features (fine-tuned)", progress=spec.run.progress).vectors
             timings["features_finetuned"] = time.perf_counter() - t
         t = time.perf_counter()
+        encoder, tta = choose_tta(encoder, head, feats, ds, rows, spec)
         thresholds = calibrate(head, feats.vectors, rows, spec.head.min_precision)
         heads, fit_rows, refit = refit_head(head, feats.vectors, rows, spec, weights, verbose=rank == 0)
         metrics, pred_rows = score(heads, feats.vectors, rows, fit_rows, thresholds, label_map, ds)
         timings["evaluate"] = time.perf_counter() - t
-        metrics.update({"history": head.history if spec.model.mode == "head" else heads["test"].history,
+        metrics.update({"history": head.history if spec.model.mode == "head" else heads["test"].history, "tta": tta,
                         "skipped": skipped, **({"refit": refit} if refit else {}),
                         **({"head_history": head_history} if spec.model.mode == "finetune" else {})})
         facts = {"label_map": label_map, "leaks": leaks, "balance": balance, "refit": refit}
@@ -257,6 +258,43 @@ def finetune_stage(encoder: Encoder, head: LinearHead | None, ds: Dataset, rows:
     return encoder.with_model(net.backbone), tuned
 
 
+def choose_tta(encoder: Encoder, head: LinearHead, feats, ds: Dataset, rows: Rows, spec: TrainSpec):
+    """``--tta flip|auto``: features of the held-out items averaged with their mirror images. With
+    auto it is kept only when it lowers the head's validation loss. Training rows keep their plain
+    features (the head learned from them; the similar-example index holds them), so only val and
+    test are extracted again. Returns (the encoder to save, what was measured and chosen)."""
+    if spec.model.tta == "off":
+        return encoder, None
+    if not modality(ds.kind).supports_flip:
+        console.print(f"note: --tta flip applies to images, not to {ds.kind}; ignored here")
+        return encoder, None
+    held = np.flatnonzero(rows.sel["val"] | rows.sel["test"])
+    flipped = encoder.with_tta()
+    f = flipped.extractor(spec.model.engine, spec.run.use_cache)([ds.items[i].path for i in held],
+                                                                  desc="features (flip)", progress=spec.run.progress)
+    if not f.ok.all():
+        console.print("note: some held-out files could not be read a second time; --tta ignored")
+        return encoder, None
+    vectors = feats.vectors.copy()
+    vectors[held] = f.vectors
+    info = {"asked": spec.model.tta}
+    x_val = rows.x(feats.vectors, "val")
+    if x_val is not None:
+        y_val = rows.y[rows.sel["val"]]
+        nll = {name: float(-np.mean(np.log(head.proba(x, calibrated=False)[np.arange(len(y_val)), y_val] + 1e-12)))
+               for name, x in (("plain", x_val), ("flip", rows.x(vectors, "val")))}
+        info.update(val_loss_plain=round(nll["plain"], 5), val_loss_flip=round(nll["flip"], 5))
+    use = spec.model.tta == "flip" or info.get("val_loss_flip", np.inf) < info.get("val_loss_plain", -np.inf)
+    info["used"] = bool(use)
+    console.print(f"test-time flip: {'on' if use else 'off'}" + (
+        f" (validation loss {info['val_loss_plain']:.4f} plain, {info['val_loss_flip']:.4f} with flip)"
+        if "val_loss_plain" in info else ""), markup=False)
+    if not use:
+        return encoder, info
+    feats.vectors = vectors
+    return flipped, info
+
+
 @dataclass
 class Thresholds:
     """The open-set rule fitted on val: not sure below ``confidence`` or below ``similarity`` to the
@@ -382,7 +420,7 @@ def bundle_config(spec: TrainSpec, encoder: Encoder, ds: Dataset, rows: Rows, he
     return BundleConfig(
         backbone=encoder.name, weights_source=encoder.backbone.weights_source, mode=spec.model.mode,
         labels=list(rows.labels), num_features=encoder.num_features, preprocess=encoder.preprocess,
-        kind=ds.kind, audio=encoder.audio, spectrogram_stats=encoder.spectrogram_stats, refit=(
+        kind=ds.kind, audio=encoder.audio, spectrogram_stats=encoder.spectrogram_stats, tta=encoder.tta, refit=(
             {k: v for k, v in refit.items() if k != "history"} if refit else None),
         temperature=head.temperature, threshold=thresholds.confidence, similarity_threshold=thresholds.similarity,
         operating_point=thresholds.operating_point,
