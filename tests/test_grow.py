@@ -199,3 +199,23 @@ def test_review_page_walks_through_label_errors_and_restore_undoes_it(trained_ru
     assert (manifest.parent / relabelled["stored"]).is_file() and not (data / relabelled["path"]).exists()
     assert restore(manifest) == 2
     assert _digest(data) == before  # every move undone, nothing else touched
+
+
+def test_a_tampered_manifest_cannot_reach_outside_the_dataset(tmp_path):
+    """restore acts only inside the dataset (and its quarantine), whatever a manifest says."""
+    import json
+
+    from foldernet.audit import restore
+
+    data, outside = tmp_path / "data", tmp_path / "precious.txt"
+    (data / "a").mkdir(parents=True)
+    outside.write_text("not foldernet's")
+    digest = hashlib.sha256(outside.read_bytes()).hexdigest()
+    manifest = data / ".foldernet" / "autolabel-x.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"kind": "autolabel", "data": str(data),
+                                    "copied": [{"path": "../precious.txt", "sha256": digest}]}))
+    assert restore(manifest) == 0 and outside.read_text() == "not foldernet's"
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps({"data": str(data), "moved": [{"path": "../elsewhere.txt", "stored": "precious.txt"}]}))
+    assert restore(moved) == 0 and outside.exists() and not (tmp_path / "elsewhere.txt").exists()

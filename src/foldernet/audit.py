@@ -294,7 +294,13 @@ def restore(manifest: str | os.PathLike) -> int:
     root, base = Path(info["data"]), manifest.parent
     restored, remaining = 0, []
     for entry in info["moved"]:
-        src, dst = base / entry["stored"], root / entry["path"]
+        src, dst = (base / entry["stored"]).resolve(), (root / entry["path"]).resolve()
+        # a manifest only ever moves files between the dataset and its quarantine folder
+        if not dst.is_relative_to(root.resolve()) or not (src.is_relative_to(base.resolve())
+                                                          or src.is_relative_to(root.resolve())):
+            remaining.append(entry)
+            console.print(f"not restored (outside the dataset and its quarantine): {entry['path']}", markup=False)
+            continue
         if not src.exists():
             continue
         if dst.exists():

@@ -233,10 +233,13 @@ def autolabel(model, inputs, out: str | os.PathLike, min_confidence: float = 0.9
 def undo_autolabel(manifest: dict) -> tuple[int, list[str]]:
     """Remove the copies an autolabel manifest records, each only while it still has the recorded
     bytes (then foldernet can prove it wrote it); returns (removed, kept with the reason)."""
-    root = Path(manifest["data"])
+    root = Path(manifest["data"]).resolve()
     removed, kept = 0, []
     for entry in manifest["copied"]:
-        path = root / entry["path"]
+        path = (root / entry["path"]).resolve()
+        if not path.is_relative_to(root):
+            kept.append(f"{entry['path']}: outside {root}; a manifest never points there, left alone")
+            continue
         if not path.is_file():
             continue
         if _sha256(path) != entry["sha256"]:
@@ -339,7 +342,10 @@ class ReviewSession:
     def path(self, item: int) -> Path:
         if not 0 <= item < len(self.items):
             raise FoldernetError(f"no item {item}")
-        return self.root / self.items[item]["path"]
+        path = (self.root / self.items[item]["path"]).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise FoldernetError(f"{self.items[item]['path']} is outside the audited folder; left alone")
+        return path
 
     def _relabelled(self, rel: str, given: str, label: str) -> str:
         parts = Path(rel).parts
