@@ -98,6 +98,41 @@ def test_force_replaces_a_run_foldernet_wrote_and_only_then(digits_dir, tmp_path
         audit(digits_dir, out=out, force=True, progress=False)  # a run is not an audit folder
 
 
+def test_resume_never_takes_or_replaces_a_folder_foldernet_did_not_write(data, tmp_path):
+    from foldernet.io import write_marker
+
+    mine = tmp_path / ".mine.partial" / "checkpoint"  # the user's folder, named like a staging folder
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("the user's")
+    before = _digest(tmp_path)
+    with pytest.raises(FoldernetError, match="no foldernet run marker"):
+        foldernet.train(data, out=tmp_path / "mine", mode="finetune", resume=True, progress=False)
+    with pytest.raises(FoldernetError, match="no foldernet run marker"):
+        foldernet.train(data, out=tmp_path / "mine", mode="finetune", force=True, progress=False)
+    assert _digest(tmp_path) == before
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "keep.txt").write_text("the user's too")
+    (tmp_path / ".theirs.partial").mkdir()
+    write_marker(tmp_path / ".theirs.partial", "run")  # a real interrupted run beside a folder of the user's
+    with pytest.raises(FoldernetError, match="already exists"):
+        foldernet.train(data, out=tmp_path / "theirs", mode="finetune", resume=True, progress=False)
+    assert (tmp_path / "theirs" / "keep.txt").read_text() == "the user's too"
+
+
+def test_a_folder_that_appears_while_a_run_is_written_is_not_replaced(tmp_path):
+    from foldernet.io import staged_dir
+
+    out = tmp_path / "late"
+    with pytest.raises(FoldernetError, match="appeared while this run was being written"):
+        with staged_dir(out, kind="run") as staging:
+            (staging / "model.txt").write_text("the new run")
+            out.mkdir()  # meanwhile, someone puts a folder where the run goes
+            (out / "mine.txt").write_text("the user's")
+    assert (out / "mine.txt").read_text() == "the user's" and not (out / "model.txt").exists()
+    kept = list(tmp_path.glob(".late.tmp-*"))
+    assert len(kept) == 1 and (kept[0] / "model.txt").read_text() == "the new run"  # nothing lost either way
+
+
 # --------------------------------------------------------------------------- options, at the boundary
 
 BAD_TRAIN = [

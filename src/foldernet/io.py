@@ -161,20 +161,22 @@ def staged_dir(out: str | os.PathLike, force: bool = False, partial: bool = Fals
 
     A crash leaves ``out`` as it was, never a half-written run. With ``partial`` the folder is
     ``.OUT.partial`` and survives a crash (it holds checkpoints), so ``resume`` can continue it; its
-    ``checkpoint/`` is dropped from the finished run unless ``keep``. The old ``out`` (checked by
-    ``check_new_output``) is moved aside and removed only once the new one is in place.
+    ``checkpoint/`` is dropped from the finished run unless ``keep``. The old ``out`` is checked by
+    ``check_new_output`` when the command starts and again when the new run is complete (a folder may
+    have appeared there meanwhile), moved aside, and removed only once the new one is in place.
     """
-    out = check_new_output(out, force, kind, inputs) if not resume else check_outside_inputs(out, inputs)
+    out = check_new_output(out, force, kind, inputs)  # with --resume too: out is replaced all the same
     out.parent.mkdir(parents=True, exist_ok=True)
     if partial:
         tmp = out.parent / f".{out.name}.partial"
+        if tmp.exists() and marker_kind(tmp) != kind:
+            raise FoldernetError(f"{tmp} has no foldernet {kind} marker, so it is not an interrupted foldernet run; "
+                                 "foldernet will neither resume nor replace it. Move it away, or choose another --out.")
         if tmp.exists() and not resume:
             if not force:
                 raise FoldernetError(f"an interrupted run of {out} exists in {tmp}. Pass --resume to continue it, "
                                      "or --force to start over.")
-            if marker_kind(tmp) != kind:
-                raise FoldernetError(f"--force refused: {tmp} has no foldernet marker; remove it yourself")
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp)  # carries our marker: an interrupted run foldernet wrote
         if resume and not tmp.exists():
             raise FoldernetError(f"nothing to resume: {tmp} does not exist (start the run without --resume)")
         tmp.mkdir(exist_ok=True)
@@ -191,7 +193,12 @@ def staged_dir(out: str | os.PathLike, force: bool = False, partial: bool = Fals
     if partial and not keep and (tmp / "checkpoint").is_dir():
         shutil.rmtree(tmp / "checkpoint")  # written by fine-tuning inside our own staging folder
     old = None
-    if out.exists():
+    if out.exists() or out.is_symlink():
+        try:  # checked again: something may have been put there while the run was being written
+            check_new_output(out, force, kind)
+        except FoldernetError as exc:
+            raise FoldernetError(f"{exc} (it appeared while this run was being written; the finished run is "
+                                 f"kept in {tmp})") from None
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
     os.replace(tmp, out)
