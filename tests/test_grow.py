@@ -219,3 +219,25 @@ def test_a_tampered_manifest_cannot_reach_outside_the_dataset(tmp_path):
     moved = tmp_path / "moved.json"
     moved.write_text(json.dumps({"data": str(data), "moved": [{"path": "../elsewhere.txt", "stored": "precious.txt"}]}))
     assert restore(moved) == 0 and outside.exists() and not (tmp_path / "elsewhere.txt").exists()
+
+
+def test_review_never_moves_a_file_outside_the_audited_folder(tmp_path):
+    import json
+
+    from foldernet.grow import ReviewSession
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    (data / "a" / "x.png").write_bytes(b"in the dataset")
+    (tmp_path / "outside.png").write_bytes(b"the user's")
+    issue = {"given": "a", "suggested": "b", "given_prob": 0.1, "suggested_prob": 0.9}
+    (tmp_path / "audit.json").write_text(json.dumps({"data": str(data), "classes": ["a", "b"], "findings": {
+        "label_issue": [{"path": "../outside.png", **issue}, {"path": "a/x.png", **issue}]}}))
+    session = ReviewSession(tmp_path / "audit.json", ["a", "b"])
+    for decision in ("relabel", "quarantine"):
+        with pytest.raises(FoldernetError, match="outside the audited folder"):
+            session.decide(0, decision)
+    with pytest.raises(FoldernetError, match="unknown class"):
+        session.decide(1, "relabel", "../../b")
+    assert (tmp_path / "outside.png").read_bytes() == b"the user's"
+    assert (data / "a" / "x.png").read_bytes() == b"in the dataset"

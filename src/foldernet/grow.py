@@ -372,6 +372,9 @@ class ReviewSession:
                 else:
                     target = self.manifest_path.parent / "files" / it["path"]
                     reason = f"quarantined by a person ({it['why']})"
+                home = self.root if decision == "relabel" else self.manifest_path.parent
+                if not target.resolve().is_relative_to(home.resolve()):
+                    raise FoldernetError(f"{it['path']} would move outside {home}; nothing was moved")
                 if target.exists():
                     raise FoldernetError(f"{target} exists already; nothing was moved")
                 target.parent.mkdir(parents=True, exist_ok=True)
