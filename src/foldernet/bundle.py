@@ -412,14 +412,6 @@ class Classifier(Predictor):
         self._extractor = None
 
     @property
-    def head_weight(self) -> np.ndarray:
-        return self.head.weight
-
-    @property
-    def head_bias(self) -> np.ndarray:
-        return self.head.bias
-
-    @property
     def extractor(self):
         if self._extractor is None:
             self._extractor = self.encoder.extractor(self._engine_pref, self._use_cache)

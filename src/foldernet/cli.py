@@ -87,7 +87,7 @@ def _print_train_result(result) -> None:
 TRAIN_FLAGS = {"label_map_file": "--label-map", "window_seconds": "--window", "use_cache": "--cache/--no-cache"}
 
 
-def _table_command(command: str, fixed: list[inspect.Parameter], flags: dict[str, str], skip: tuple[str, ...] = ()):
+def _table_command(command: str, fixed: list[inspect.Parameter], flags: dict[str, str]):
     """Give a ``def f(**given)`` command the signature of its options table (params.py), so typer
     builds every flag, its help and what it accepts from the table: the CLI declares nothing twice.
     Each value is None unless given, so defaults live in the table alone."""
@@ -96,8 +96,6 @@ def _table_command(command: str, fixed: list[inspect.Parameter], flags: dict[str
     def decorate(func):
         params = list(fixed)
         for p in TABLES[command]:
-            if p.name in skip:
-                continue
             decl = flags.get(p.name) or (f"{p.flag}/--no-{p.flag[2:]}" if p.kind is bool else p.flag)
             params.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY,
                                             default=_opt(command, p.name, decl), annotation=Optional[p.kind]))
@@ -510,7 +508,7 @@ def _arg(name: str, annotation, default) -> inspect.Parameter:
     _arg("into", Optional[Path], typer.Option(None, "--into", help="the dataset that --label copies answers into")),
     _arg("review", Optional[Path], typer.Option(None, "--review", help="an audit folder: adds a page at /review to "
                                                 "keep, relabel or quarantine its likely label errors (undo: restore)")),
-], {}, skip=("allow_origin",))
+], {})
 def serve(**given) -> None:
     """Web page with upload and a confidence bar chart, plus a JSON API (/predict, /health, /labels, /docs)."""
     from .params import check

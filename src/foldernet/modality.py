@@ -19,7 +19,6 @@ from .preprocess import Preprocess
 class Modality:
     kind: str = ""
     extensions: frozenset[str] = frozenset()
-    noun: str = "file"              # what one input is called in messages
 
     def owns(self, path: str | Path) -> bool:
         return Path(path).suffix.lower() in self.extensions
@@ -63,7 +62,6 @@ TOO_SHORT_SECONDS = 0.1
 
 class ImageModality(Modality):
     kind = "image"
-    noun = "image"
     supports_flip = True
 
     def __init__(self):
@@ -108,7 +106,6 @@ class ImageModality(Modality):
 
 class AudioModality(Modality):
     kind = "audio"
-    noun = "clip"
 
     def __init__(self):
         from .audio import AUDIO_EXTENSIONS

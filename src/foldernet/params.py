@@ -228,8 +228,6 @@ SERVE = [
     _p("port", int, 8000, "port to listen on", 1, 65535),
     _p("max_upload_mb", float, 10.0, "largest accepted upload (MB)", 0, 1024, low_open=True),
     _p("api_key", str, None, "key clients send as X-API-Key (or Bearer); required off loopback", optional=True),
-    _p("allow_origin", str, None, "a web origin allowed to call the API from a browser (CORS); repeatable",
-       optional=True),
     _p("explorer", bool, False, "serve the training examples (dataset explorer, similar-example images)"),
     _p("insecure_no_auth", bool, False, "bind off loopback without an API key (anyone who reaches it may use it)"),
 ]
@@ -323,9 +321,3 @@ def check_group_by(group_by: str, command: str = "train") -> None:
 
 def split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def help_text(command: str, name: str) -> str:
-    """The option's help with what it accepts, for the CLI."""
-    p = param(command, name)
-    return p.help

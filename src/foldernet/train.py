@@ -25,7 +25,7 @@ from .evaluate import plot_confusion_matrix, read_label_map, score_split
 from .head import LinearHead, class_weights, imbalance_ratio, network
 from .io import atomic_write_bytes, atomic_write_csv, check_data_dir, staged_dir
 from .modality import modality
-from .progress import console, progress_bar
+from .progress import console
 from .similar import knn_similarity, save_index, unit_rows
 from .spec import TrainSpec
 from .split import apply_grouping, resolve_splits, split_counts, write_splits_csv
@@ -484,5 +484,3 @@ def write_curves(history: list[dict], run: Path) -> None:
                 writer.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
     writer.close()
 
-
-__all__ = ["train", "TrainResult", "TrainSpec", "progress_bar"]
