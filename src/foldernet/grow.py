@@ -299,7 +299,7 @@ class LabelSession:
             removed, kept = undo_autolabel({"data": str(self.data), "copied": [entry]})
             self.manifest["copied"] = [e for e in self.manifest["copied"] if e is not entry]
             atomic_write_json(self.manifest_path, self.manifest)
-        return {"undone": item, "removed": bool(removed), "note": "; ".join(kept)}
+        return {"undone": item if removed else None, "note": "; ".join(kept)}
 
 
 class ReviewSession:

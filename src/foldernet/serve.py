@@ -336,29 +336,32 @@ def _install_error_handlers(app) -> None:
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
 
+async def _thumbnail(path: Path | None, what: str, size: int = 120, cache: str = "max-age=3600"):
+    """A JPEG thumbnail answer for a file the server addresses by index (None: no such index), or a
+    404 that says which it was."""
+    from fastapi.responses import JSONResponse, Response
+
+    if path is None:
+        return JSONResponse({"error": f"no such {what}"}, status_code=404)
+    img = await asyncio.to_thread(thumbnail_jpeg, path, size, 88 if size > 120 else 80)
+    if img is None:
+        return JSONResponse({"error": f"{what} unavailable (moved, or not an image)"}, status_code=404)
+    return Response(img, media_type="image/jpeg", headers={"Cache-Control": cache})
+
+
 def _install_explorer(app, model: ServedModel, access: Access) -> None:
     """Thumbnails of training examples, by index only (never by path); they show the training data,
     so they answer 404 unless the server was started with ``--explorer``."""
-    from fastapi.responses import JSONResponse, Response
-
     @app.get("/example/{index}", include_in_schema=False)
     async def example(index: int):
-        if not access.explorer or not 0 <= index < len(model.files):
-            return JSONResponse({"error": "no such example"}, status_code=404)
-        img = await asyncio.to_thread(thumbnail_jpeg, model.files[index])
-        if img is None:
-            return JSONResponse({"error": "example unavailable"}, status_code=404)
-        return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        ok = access.explorer and 0 <= index < len(model.files)
+        return await _thumbnail(model.files[index] if ok else None, "example")
 
     @app.get("/train-image/{index}", include_in_schema=False)
     async def train_image(index: int):
         index_obj = model.clf.index if access.explorer else None
-        if index_obj is None or not 0 <= index < len(index_obj.paths):
-            return JSONResponse({"error": "no such training image"}, status_code=404)
-        img = await asyncio.to_thread(thumbnail_jpeg, model.root / index_obj.paths[index])
-        if img is None:
-            return JSONResponse({"error": "training image unavailable"}, status_code=404)
-        return Response(img, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        ok = index_obj is not None and 0 <= index < len(index_obj.paths)
+        return await _thumbnail(model.root / index_obj.paths[index] if ok else None, "training image")
 
 
 def create_app(run: str | os.PathLike, limits: Limits | None = None, access: Access | None = None,
@@ -588,6 +591,33 @@ async function post(url, body){
   const r = await fetch(url, {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body || {})});
   return [r.ok, await r.json()];
 }
+let items = [], classes = [], i = 0, trail = [];   // the queue, where we are, and what undo walks back
+function more(doneText){  // the progress line; false (and a closing word) once the queue is done
+  $('progress').textContent = Math.min(i + 1, items.length) + ' of ' + items.length;
+  if(i < items.length) return true;
+  $('media').innerHTML = '<p class="done">' + doneText + '</p>'; $('classes').innerHTML = '';
+  return false;
+}
+function classButtons(highlight, cls, pick){  // a button per class (keys 1-9 for the first nine)
+  $('classes').innerHTML = classes.map((c, k) => '<button data-class="' + esc(c) + '"' + (c === highlight ? ' class="' + cls + '"' : '')
+    + '>' + (k < 9 ? (k + 1) + ' ' : '') + esc(c) + '</button>').join('');
+  for(const b of $('classes').querySelectorAll('button')){ b.addEventListener('click', () => pick(b.dataset.class)); }
+}
+function answered(text){ $('status').textContent = text; trail.push('answer'); i++; render(); }
+function skip(){ if(i < items.length){ trail.push('skip'); i++; $('status').textContent = 'skipped'; render(); } }
+async function undo(url){  // a skip just steps back; an answer is undone on the server first
+  const last = trail.pop();
+  if(!last) return;
+  if(last === 'answer'){
+    const [, j] = await post(url);
+    $('status').textContent = j.undone !== null ? 'undone' : ('not undone: ' + (j.note || 'nothing to undo'));
+  } else { $('status').textContent = 'back one'; }
+  i = Math.max(0, i - 1); render();
+}
+function load(url){
+  fetch(url).then(r => r.json()).then(j => { items = j.items; classes = j.classes; render(); })
+    .catch(() => { $('progress').textContent = 'the queue is unavailable'; });
+}
 """ + script + """
 </script></body></html>
 """)
@@ -603,45 +633,38 @@ LABEL_PAGE = _session_page("label", """
 <div id="classes"></div>
 <p id="hint">keys: 1-9 a class, Enter the model's guess, s skip, u undo</p>
 <p id="status"></p>""", """
-let items = [], classes = [], i = 0, trail = [];
 function render(){
-  $('progress').textContent = Math.min(i + 1, items.length) + ' of ' + items.length;
-  if(i >= items.length){ $('media').innerHTML = '<p class="done">all done</p>'; $('guess').textContent = '';
-    $('classes').innerHTML = ''; return; }
+  if(!more('all done')){ $('guess').textContent = ''; return; }
   const it = items[i];
   $('media').innerHTML = it.kind === 'audio'
     ? '<img alt="spectrogram" src="/label/item/' + it.id + '/spectrogram"><audio controls src="/label/item/' + it.id + '"></audio>'
     : '<img alt="' + esc(it.name) + '" src="/label/item/' + it.id + '">';
   $('guess').innerHTML = esc(it.name) + ': the model guesses <b>' + esc(it.guess) + '</b> ('
     + Math.round(100 * it.confidence) + ' %); ' + esc(it.why);
-  $('classes').innerHTML = classes.map((c, k) => '<button data-class="' + esc(c) + '"' + (c === it.guess ? ' class="guess"' : '')
-    + '>' + (k < 9 ? (k + 1) + ' ' : '') + esc(c) + '</button>').join('');
-  for(const b of $('classes').querySelectorAll('button')){ b.addEventListener('click', () => label(b.dataset.class)); }
+  classButtons(it.guess, 'guess', label);
 }
 async function label(c){
   if(i >= items.length) return;
   const [ok, j] = await post('/label/item/' + items[i].id, {label: c});
   if(!ok){ $('status').textContent = j.error || 'error'; return; }
-  $('status').textContent = j.copied ? ('copied to ' + j.path) : ('already in ' + c);
-  trail.push(j.copied ? 'answer' : 'skip'); i++; render();
-}
-async function undo(){
-  const last = trail.pop();
-  if(!last) return;
-  if(last === 'answer'){
-    const [, j] = await post('/label/undo');
-    $('status').textContent = j.removed ? 'undone' : ('not undone: ' + (j.note || 'nothing to undo'));
-  } else { $('status').textContent = 'back one'; }
-  i = Math.max(0, i - 1); render();
+  if(j.copied){ answered('copied to ' + j.path); } else { $('status').textContent = 'already in ' + c; trail.push('skip'); i++; render(); }
 }
 document.addEventListener('keydown', e => {
   if(e.key >= '1' && e.key <= '9'){ const c = classes[Number(e.key) - 1]; if(c) label(c); }
   else if(e.key === 'Enter' && i < items.length){ label(items[i].guess); }
-  else if(e.key === 's' && i < items.length){ trail.push('skip'); i++; $('status').textContent = 'skipped'; render(); }
-  else if(e.key === 'u'){ undo(); }
+  else if(e.key === 's'){ skip(); } else if(e.key === 'u'){ undo('/label/undo'); }
 });
-fetch('/label/queue').then(r => r.json()).then(j => { items = j.items; classes = j.classes; render(); })
-  .catch(() => { $('progress').textContent = 'the queue is unavailable'; });""")
+load('/label/queue');""")
+
+
+def _session_path(session, item: int) -> Path | None:
+    """The file of a labelling or review item, or None when there is no such item."""
+    from .errors import FoldernetError
+
+    try:
+        return session.path(item)
+    except FoldernetError:
+        return None
 
 
 def _install_labelling(app, session, audio_cfg) -> None:
@@ -669,18 +692,12 @@ def _install_labelling(app, session, audio_cfg) -> None:
 
     @app.get("/label/item/{item}", include_in_schema=False)
     async def label_item(item: int):
-        try:
-            path = session.path(item)
-        except FoldernetError:
-            return JSONResponse({"error": "no such item"}, status_code=404)
-        if kind(item) == "audio":
+        path = _session_path(session, item)
+        if path is not None and kind(item) == "audio":
             media = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".ogg": "audio/ogg", ".flac": "audio/flac"}
             data = await asyncio.to_thread(path.read_bytes)
             return Response(data, media_type=media.get(path.suffix.lower(), "application/octet-stream"))
-        img = await asyncio.to_thread(thumbnail_jpeg, path, 480, 88)
-        if img is None:
-            return JSONResponse({"error": "unreadable"}, status_code=404)
-        return Response(img, media_type="image/jpeg")
+        return await _thumbnail(path, "item", 480, "no-store")
 
     @app.get("/label/item/{item}/spectrogram", include_in_schema=False)
     async def label_spectrogram(item: int):
@@ -717,51 +734,34 @@ REVIEW_PAGE = _session_page("review", """
 <p id="hint">keys: k keep, r relabel as suggested, 1-9 relabel as that class, q quarantine, s skip, u undo.
 Nothing moves but on your word; foldernet restore undoes every move.</p>
 <p id="status"></p>""", """
-let items = [], classes = [], i = 0, trail = [];
 function render(){
-  $('progress').textContent = Math.min(i + 1, items.length) + ' of ' + items.length;
-  if(i >= items.length){ $('media').innerHTML = '<p class="done">all reviewed</p>'; $('why').textContent = '';
-    $('classes').innerHTML = ''; return; }
+  if(!more('all reviewed')){ $('why').textContent = ''; return; }
   const it = items[i];
   $('media').innerHTML = '<figure><img alt="' + esc(it.name) + '" src="/review/item/' + it.id + '"><figcaption>' + esc(it.path)
     + ' (filed as <b>' + esc(it.given) + '</b>)</figcaption></figure>'
     + (it.other_id !== null ? '<figure><img alt="other" src="/review/item/' + it.other_id + '"><figcaption>its duplicate</figcaption></figure>' : '');
   $('why').innerHTML = esc(it.why) + '; suggested: <b>' + esc(it.suggested) + '</b>';
-  $('classes').innerHTML = classes.map((c, k) => '<button data-class="' + esc(c) + '"' + (c === it.suggested ? ' class="suggested"' : '')
-    + '>' + (k < 9 ? (k + 1) + ' ' : '') + esc(c) + '</button>').join('');
-  for(const b of $('classes').querySelectorAll('button')){ b.addEventListener('click', () => decide('relabel', b.dataset.class)); }
+  classButtons(it.suggested, 'suggested', c => decide('relabel', c));
 }
 async function decide(decision, label){
   if(i >= items.length) return;
   const [ok, j] = await post('/review/item/' + items[i].id, {decision: decision, label: label || null});
   if(!ok){ $('status').textContent = j.error || 'error'; return; }
-  $('status').textContent = decision + (j.moved_to ? ': moved to ' + j.moved_to : '');
-  trail.push('decision'); i++; render();
-}
-async function undo(){
-  const last = trail.pop();
-  if(!last) return;
-  if(last === 'decision'){
-    const [, j] = await post('/review/undo');
-    $('status').textContent = j.undone !== null ? 'undone' : ('not undone: ' + (j.note || 'nothing to undo'));
-  } else { $('status').textContent = 'back one'; }
-  i = Math.max(0, i - 1); render();
+  answered(decision + (j.moved_to ? ': moved to ' + j.moved_to : ''));
 }
 for(const b of document.querySelectorAll('#actions button')){ b.addEventListener('click', () => decide(b.dataset.act)); }
 document.addEventListener('keydown', e => {
   if(e.key >= '1' && e.key <= '9'){ const c = classes[Number(e.key) - 1]; if(c) decide('relabel', c); }
   else if(e.key === 'k'){ decide('keep'); } else if(e.key === 'r'){ decide('relabel'); }
-  else if(e.key === 'q'){ decide('quarantine'); } else if(e.key === 'u'){ undo(); }
-  else if(e.key === 's' && i < items.length){ trail.push('skip'); i++; $('status').textContent = 'skipped'; render(); }
+  else if(e.key === 'q'){ decide('quarantine'); } else if(e.key === 's'){ skip(); } else if(e.key === 'u'){ undo('/review/undo'); }
 });
-fetch('/review/queue').then(r => r.json()).then(j => { items = j.items; classes = j.classes; render(); })
-  .catch(() => { $('progress').textContent = 'the review queue is unavailable'; });""")
+load('/review/queue');""")
 
 
 def _install_review(app, session) -> None:
     """``serve --review AUDIT_DIR``: the page at /review and the calls it makes (``grow.ReviewSession``)."""
     from fastapi import Body
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     from .errors import FoldernetError
 
@@ -775,14 +775,7 @@ def _install_review(app, session) -> None:
 
     @app.get("/review/item/{item}", include_in_schema=False)
     async def review_item(item: int):
-        try:
-            path = session.path(item)
-        except FoldernetError:
-            return JSONResponse({"error": "no such item"}, status_code=404)
-        img = await asyncio.to_thread(thumbnail_jpeg, path, 400, 88)
-        if img is None:
-            return JSONResponse({"error": "unavailable (moved, or not an image)"}, status_code=404)
-        return Response(img, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+        return await _thumbnail(_session_path(session, item), "item", 400, "no-store")
 
     @app.post("/review/item/{item}", include_in_schema=False)
     async def review_decide(item: int, body: dict = Body(...)):

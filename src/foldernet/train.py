@@ -483,4 +483,3 @@ def write_curves(history: list[dict], run: Path) -> None:
             if key != "epoch" and isinstance(value, (int, float)):
                 writer.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
     writer.close()
-
