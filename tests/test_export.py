@@ -55,3 +55,84 @@ def test_onnx_predictor_runs_without_torch_and_matches_the_bundle(exported, trai
 def test_export_refuses_to_overwrite_without_force(exported, trained_run):
     with pytest.raises(FoldernetError, match="--force"):
         foldernet.export(trained_run.run_dir)
+
+
+def test_export_report_tabulates_every_file_with_size_and_speed(exported):
+    from foldernet.export import table_rows
+
+    folder, report = exported
+    q = report["int8"]
+    assert q["plan"] and q["plans_tried"] and q["plans_tried"][0]["plan"] == "all layers int8"
+    assert q["calibration_images"] > 0
+    if not q["kept"]:  # a refusal names what was measured
+        assert f"{q['top1_agreement']:.4f}" in q["reason"] or "slower" in q["reason"]
+    rows = {(r["format"], r["precision"]): r for r in table_rows(folder)}
+    assert rows[("onnx", "fp32")]["size_mb"] > 1 and rows[("onnx", "fp32")]["single_ms"] > 0
+    assert rows[("onnx", "int8")]["status"] == ("kept" if q["kept"] else rows[("onnx", "int8")]["status"])
+    assert "| onnx | fp32 | model.onnx |" in (folder / "report.md").read_text()
+
+
+@pytest.fixture(scope="session")
+def tflite_export(trained_run, tmp_path_factory):
+    pytest.importorskip("litert_torch", reason="the mobile extra: pip install 'foldernet[mobile]'")
+    from foldernet.export import export
+
+    out = tmp_path_factory.mktemp("mobile") / "export"
+    return out, export(trained_run.run_dir, out=out, format="tflite", int8=True)
+
+
+def test_tflite_export_agrees_with_pytorch_and_carries_labels(tflite_export, trained_run, digits_dir):
+    from foldernet.mobile import TFLiteClassifier
+
+    out, report = tflite_export
+    assert report["fp32"]["top1_agreement"] == 1.0
+    clf = TFLiteClassifier(out / "model.tflite")
+    bundle = foldernet.load(trained_run.run_dir)
+    assert clf.labels == bundle.labels and clf.preprocess.size == bundle.preprocess.size
+    files = sorted((digits_dir / "3_three").glob("*.png"))[:4]
+    for mine, theirs in zip(clf.predict(files, top_k=2), bundle.predict(files, top_k=2)):
+        assert mine.label == theirs.label
+        np.testing.assert_allclose(mine.top[0][1], theirs.top[0][1], atol=1e-3)
+    q = report["int8"]
+    assert (out / "model.int8.tflite").exists() == q["kept"]
+    if q["kept"]:
+        assert q["top1_agreement"] >= 0.99 and q["size_mb"] < report["fp32"]["size_mb"] / 2
+    saved = json.loads((out / "parity.tflite.json").read_text())
+    assert saved["fp32"]["top1_agreement"] == 1.0
+    assert "| tflite | fp32 | model.tflite |" in (out / "report.md").read_text()
+
+
+def test_damaged_tflite_file_is_named_not_a_traceback(tflite_export, tmp_path):
+    from foldernet.mobile import TFLiteClassifier
+
+    out, _ = tflite_export
+    broken = tmp_path / "model.tflite"
+    broken.write_bytes((out / "model.tflite").read_bytes()[:5000])
+    with pytest.raises(FoldernetError, match="damaged"):
+        TFLiteClassifier(broken)
+
+
+def test_coreml_export_checks_its_spec_and_says_what_a_mac_must_check(trained_run, tmp_path):
+    pytest.importorskip("coremltools", reason="the mobile extra: pip install 'foldernet[mobile]'")
+    from foldernet.export import export
+
+    report = export(trained_run.run_dir, out=tmp_path / "export", format="coreml")
+    fp = report["fp32"]
+    assert (tmp_path / "export" / "model.mlpackage").is_dir()
+    assert fp["spec"]["problems"] == [] and fp["spec"]["labels"] == len(foldernet.load(trained_run.run_dir).labels)
+    assert fp["spec"]["outputs"] == ["probabilities", "features", "logits"]
+    if sys.platform != "darwin":
+        assert fp["verified"] is False and "macOS" in fp["note"]
+
+
+def test_missing_mobile_extra_gives_the_install_line(trained_run, tmp_path):
+    code = ("import sys; sys.modules['litert_torch'] = None; sys.modules['coremltools'] = None\n"
+            "from foldernet.cli import main; sys.argv = ['foldernet', 'export', sys.argv[1], '--format', sys.argv[2],"
+            " '--out', sys.argv[3]]; main()")
+    for fmt in ("tflite", "coreml"):
+        proc = subprocess.run([sys.executable, "-c", code, str(trained_run.run_dir), fmt, str(tmp_path / fmt)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0
+        text = proc.stdout + proc.stderr
+        assert "pip install 'foldernet[mobile]'" in text and "Traceback" not in text
+        assert not (tmp_path / fmt).exists()  # checked before any work

@@ -476,18 +476,30 @@ def export(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="export folder (default RUN/export)"),
     force: bool = _opt("export", "force", "--force", default=False),
 ) -> None:
-    """Export to one ONNX file, checked against the PyTorch model on the held-out split."""
-    from .export import export as _export
+    """Export to ONNX (or TFLite / Core ML), checked against the PyTorch model on the held-out split."""
+    from rich.table import Table
+
+    from .bundle import find_model_dir
+    from .export import export as _export, table_rows
 
     report = _export(run, out=out, data=data, **_given({"format": fmt, "int8": int8, "prefer_size": prefer_size,
                                                         "force": force}))
     fp = report["fp32"]
-    stdout.print(f"fp32: {fp['path']} ({fp['size_mb']} MB), top-1 agreement {fp['top1_agreement']:.4f} on "
-                 f"{report['n']} held-out {report['inputs']}, max probability difference {fp['max_prob_diff']:.2e}")
-    if "int8" in report:
+    if fp.get("top1_agreement") is not None:
+        stdout.print(f"fp32: {fp['path']} ({fp['size_mb']} MB), top-1 agreement {fp['top1_agreement']:.4f} on "
+                     f"{report['n']} held-out {report['inputs']}, max probability difference {fp['max_prob_diff']:.2e}")
+    if report.get("int8", {}).get("top1_agreement") is not None:
         q = report["int8"]
-        stdout.print(f"int8: agreement {q['top1_agreement']:.4f}, {q['img_per_s']} vs fp32 {q['fp32_img_per_s']} img/s, "
-                     f"{q['size_mb']} vs {q['fp32_size_mb']} MB: {q['reason']}")
+        stdout.print(f"int8 ({q['plan']}): agreement {q['top1_agreement']:.4f}, {q['img_per_s']} vs fp32 "
+                     f"{q['fp32_img_per_s']} img/s, {q['size_mb']} vs {q['fp32_size_mb']} MB: {q['reason']}")
+    folder = Path(out) if out else find_model_dir(run).parent / "export"
+    table = Table(title=f"{folder}/report.md")
+    rows = table_rows(folder)
+    for col in ("format", "precision", "file", "size_mb", "top1_agreement", "single_ms", "img_per_s", "status"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*["" if v is None else (f"{v:.4f}" if k == "top1_agreement" else str(v)) for k, v in r.items()])
+    stdout.print(table)
 
 
 def _arg(name: str, annotation, default) -> inspect.Parameter:

@@ -1,9 +1,12 @@
-"""Export a bundle to one ONNX file (backbone + head + temperature), checked against the original.
+"""Export a bundle to one model file (backbone + head + temperature), checked against the original.
 
-The parity check runs on the bundle's held-out split: the fp32 export must give the same top-1 as
-the PyTorch model on every image, or the export fails loudly. An int8 model (static quantisation,
-calibrated on training images) is written only when it agrees on >= 99 % and is faster here, or
-when the user asks for the smaller file; the numbers land in ``parity.json`` either way.
+Formats: ONNX (servers, ONNX Runtime), TFLite (LiteRT: Android, embedded) and Core ML (Apple), the
+last two with the ``mobile`` extra. The parity check runs on the bundle's held-out split: the fp32
+file must give the same top-1 as the PyTorch model on every image, or the export fails loudly. An
+int8 file (static quantisation, calibrated on training images; the fastest of a few plans that
+keep the first stages in fp32, chosen by agreement on a selection split) is written only when it
+agrees on >= 99 % and is faster here, or when the user asks for the smaller file. The numbers land
+in ``parity*.json`` either way, and ``report.md`` tabulates size, agreement and speed.
 """
 
 from __future__ import annotations
@@ -32,17 +35,25 @@ def _full_model(clf):
     return network(clf.backbone, clf.head, clf.head.n_classes, clf.head.dim, with_outputs=True).eval()
 
 
-def held_out_files(model_dir: Path, data: str | os.PathLike | None, split: str = "test",
-                   limit: int | None = None) -> list[Path]:
-    """Paths of a split of the bundle's data (``data`` overrides the root recorded at training time)."""
+def split_files(model_dir: Path, data: str | os.PathLike | None = None) -> tuple[Path, dict[str, list[Path]]]:
+    """The data root and the existing files of each split of the bundle (``data`` overrides the root
+    recorded at training time)."""
     from .bundle import BundleConfig
 
     root = Path(data) if data else Path(BundleConfig.read(model_dir).data.get("root", ""))
     with open(model_dir / "splits.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    wanted = [r for r in rows if r["split"] == split] or [r for r in rows if r["split"] == "val"]
-    paths = [root / r["path"] for r in wanted]
-    paths = [p for p in paths if p.is_file()]
+    out: dict[str, list[Path]] = {}
+    for r in rows:
+        out.setdefault(r["split"], []).append(root / r["path"])
+    return root, {k: [p for p in v if p.is_file()] for k, v in out.items()}
+
+
+def held_out_files(model_dir: Path, data: str | os.PathLike | None, split: str = "test",
+                   limit: int | None = None) -> list[Path]:
+    """Paths of a split of the bundle's data (the validation split when there is no test split)."""
+    root, splits = split_files(model_dir, data)
+    paths = splits.get(split) or splits.get("val") or []
     if not paths:
         raise FoldernetError(f"no held-out images found under {root} for the parity check; pass --data DATA "
                              "(the folder the model was trained on)")
@@ -53,12 +64,17 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(np.mean(a.argmax(1) == b.argmax(1))), float(np.abs(a - b).max())
 
 
-def _throughput(predictor, pixels: np.ndarray, repeats: int = 3) -> float:
+def _throughput(predictor, pixels: np.ndarray, repeats: int = 3, rounds: int = 3) -> float:
+    """Images/s of ``predictor.run`` on one batch: the best of a few rounds (other work on the
+    machine only ever slows a round down)."""
     predictor.run(pixels)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        predictor.run(pixels)
-    return len(pixels) * repeats / (time.perf_counter() - t)
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            predictor.run(pixels)
+        best = max(best, len(pixels) * repeats / (time.perf_counter() - t))
+    return best
 
 
 class _Calibration:
@@ -71,116 +87,432 @@ class _Calibration:
         return next(self.it, None)
 
 
-def quantize_int8(fp32: Path, out: Path, calib: np.ndarray) -> Path:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def _stage(weight_name: str) -> str:
+    """The network stage a weight belongs to, from its module path: ``backbone.conv_stem``,
+    ``backbone.blocks.0`` (EfficientNet), ``backbone.layer1`` (ResNet), ``head``..."""
+    key = []
+    for part in weight_name.split(".")[:-1] or [weight_name]:
+        key.append(part)
+        if any(ch.isdigit() for ch in part):
+            break
+    return ".".join(key)
+
+
+def stage_groups(model_path: Path) -> list[list[str]]:
+    """Names of the Conv/Gemm nodes of an ONNX graph, grouped by stage, in graph order."""
+    import onnx
+
+    groups: dict[str, list[str]] = {}
+    for node in onnx.load(str(model_path), load_external_data=False).graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 1:
+            groups.setdefault(_stage(node.input[1]), []).append(node.name)
+    return list(groups.values())
+
+
+# Plans tried in order, fastest first: how many leading stages stay in fp32. Measured on lite0
+# (benchmarks/inference.py, 2 cores, b32): all int8 2.3x fp32, stem + first stage fp32 2.1x, stem +
+# two stages 1.9x. The early layers see the raw signal through few channels, and per-tensor
+# activation scales lose the most there (the demo digits: 3 of 76 top-1 answers flip with all
+# layers int8, none with the first two stages in fp32).
+INT8_PLANS = (0, 2, 3)
+INT8_SELECT_AGREEMENT = 0.995
+
+
+def _plan_name(k: int) -> str:
+    return "all layers int8" if k == 0 else f"first {k} stages fp32 (stem included)"
+
+
+def _prepared(fp32: Path, work: Path) -> Path:
+    """ONNX Runtime's pre-processing (shape inference, BN folding), falling back to the file as is."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prep = out.with_suffix(".prep.onnx")
+    prep = work / (fp32.stem + ".prep.onnx")
     try:
         quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=True)
-        src = prep
+        return prep
     except Exception:  # noqa: BLE001 - pre-processing is an optimisation only
-        src = fp32
+        return fp32
+
+
+def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, keep_fp32: list[str] | tuple = (),
+                  prepared: Path | None = None) -> Path:
+    """Static int8 (QDQ, per-channel weights, MinMax activations calibrated on ``calib``); the nodes
+    named in ``keep_fp32`` stay fp32."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src = prepared or _prepared(fp32, out.parent)
     batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
-    quantize_static(str(src), str(out), _Calibration(batches, "input"), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    if prep.exists():
-        prep.unlink()
+    try:
+        quantize_static(str(src), str(out), _Calibration(batches, "input"), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(keep_fp32))
+    finally:
+        if prepared is None and src != fp32:
+            src.unlink(missing_ok=True)
     return out
+
+
+TARGETS = {"onnx": "model.onnx", "tflite": "model.tflite", "coreml": "model.mlpackage"}
+PARITY = {"onnx": "parity.json", "tflite": "parity.tflite.json", "coreml": "parity.coreml.json"}
+
+
+def _metadata(clf) -> dict:
+    """What a model file needs beside its weights to answer like the bundle (same in every format)."""
+    return {"labels": clf.labels, "preprocess": clf.preprocess.to_dict(), "temperature": clf.temperature,
+            "threshold": clf.config.threshold, "similarity_threshold": clf.config.similarity_threshold,
+            "backbone": clf.config.backbone, "audio": clf.audio.to_dict() if clf.audio is not None else None,
+            "input": {"name": "input", "layout": "NCHW", "dtype": "float32",
+                      "shape": [None, 3, clf.preprocess.size, clf.preprocess.size]},
+            "outputs": ["probabilities", "features", "logits"], "foldernet_version": __version__}
+
+
+def _latency_ms(predictor, row: np.ndarray, repeats: int = 15) -> float:
+    """Median single-image latency of ``predictor.run`` (preprocessed input, model only)."""
+    row = row[None]
+    predictor.run(row)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        predictor.run(row)
+        times.append(time.perf_counter() - t)
+    return round(float(np.median(times)) * 1000, 2)
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Move a finished file or folder (an .mlpackage) into place; the old one was foldernet's."""
+    import shutil
+
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def export(run: str | os.PathLike, out: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
            parity_limit: int | None = None, **options) -> dict:
-    """Write ``RUN/export/model.onnx`` (+ ``model.int8.onnx`` when it earns its place) and ``parity.json``.
+    """Write ``RUN/export/model.onnx`` (or ``model.tflite`` / ``model.mlpackage`` with ``format``),
+    plus ``model.int8.*`` when it earns its place, the parity numbers (``parity*.json``) and a
+    size/latency table of everything in the folder (``report.md``).
     Options: those of ``foldernet export`` (format, int8, prefer_size, force), checked first."""
     from .params import check
 
     o = check("export", options)
-    int8, prefer_size, force = o["int8"], o["prefer_size"], o["force"]
-    import onnx
+    fmt, int8, prefer_size, force = o["format"], o["int8"], o["prefer_size"], o["force"]
+    if fmt != "onnx":  # the optional converters are checked before any work starts
+        from .mobile import require
 
-    from .features import export_onnx
-    from .onnx_predictor import OnnxClassifier
+        require("litert_torch" if fmt == "tflite" else "coremltools", fmt)
+        if fmt == "tflite":
+            require("ai_edge_litert", fmt)
 
     model_dir = find_model_dir(run)
     out = Path(out) if out else model_dir.parent / "export"
-    target = out / "model.onnx"
+    target = out / TARGETS[fmt]
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and marker_kind(out) != "export")):
         raise FoldernetError(f"--out {out} holds files foldernet did not write as an export (no {MARKER} marker); "
                              "choose a new or empty folder")
     if target.exists() and not force:
         raise FoldernetError(f"{target} already exists; pass --force to replace it")
+    clf = load(model_dir, engine="torch", use_cache=False)
+    files = held_out_files(model_dir, data, limit=parity_limit)
     out.mkdir(parents=True, exist_ok=True)
     if marker_kind(out) is None:
         write_marker(out, "export")
-    clf = load(model_dir, engine="torch", use_cache=False)
-    files = held_out_files(model_dir, data, limit=parity_limit)
 
-    t = time.perf_counter()
-    tmp = out / ".model.export.onnx"
-    export_onnx(_full_model(clf), clf.preprocess.size, tmp, output_names=["probabilities", "features", "logits"])
-    proto = onnx.load(str(tmp))
-    meta = {"labels": clf.labels, "preprocess": clf.preprocess.to_dict(), "temperature": clf.temperature,
-            "threshold": clf.config.threshold, "similarity_threshold": clf.config.similarity_threshold,
-            "backbone": clf.config.backbone, "audio": clf.audio.to_dict() if clf.audio is not None else None,
-            "foldernet_version": __version__}
-    del proto.metadata_props[:]
-    proto.metadata_props.add(key="foldernet", value=json.dumps(meta, ensure_ascii=False))
-    proto.producer_name = "foldernet"
-    atomic_write_bytes(tmp, proto.SerializeToString())
-    export_s = time.perf_counter() - t
-
-    what = "clips" if clf.audio is not None else "images"
-    console.print(f"parity check on {len(files)} held-out {what} (PyTorch eager vs ONNX Runtime)...")
-    ref, ok_ref, _ = clf.predict_proba(files, progress=True)
-    onnx_clf = OnnxClassifier(tmp)
-    got, ok_got, _ = onnx_clf.predict_proba(files)
-    both = ok_ref & ok_got
-    if not both.any():
-        tmp.unlink()
-        raise FoldernetError(f"the parity check could not read any held-out file (e.g. {files[0]}); nothing exported")
-    agree, max_diff = _agreement(ref[both], got[both])
-    report: dict = {"n": int(both.sum()), "inputs": what, "split_files_from": str(files[0].parent.parent),
-                    "fp32": {"top1_agreement": agree, "max_prob_diff": max_diff, "export_seconds": export_s}}
-    if agree < 1.0:
-        tmp.unlink()
-        atomic_write_json(out / "parity.json", report)
-        raise FoldernetError(f"ONNX export disagrees with PyTorch on {(1 - agree) * 100:.2f}% of held-out {what} "
-                             f"(max probability difference {max_diff:.3g}); not written. Details: {out}/parity.json")
-    os.replace(tmp, target)
-    report["fp32"]["path"] = target.name
-    report["fp32"]["size_mb"] = round(target.stat().st_size / 1e6, 2)
-
-    if int8:
-        report["int8"] = _try_int8(onnx_clf, target, model_dir, data, files, ref[both], both, prefer_size)
-    atomic_write_json(out / "parity.json", report)
+    job = _Job(clf, model_dir, data, out, target, files, prefer_size)
+    report = {"onnx": job.onnx, "tflite": job.tflite, "coreml": job.coreml}[fmt](int8)
+    atomic_write_json(out / PARITY[fmt], report)
+    write_table(out)
     return report
 
 
-def _try_int8(fp32_clf, target: Path, model_dir: Path, data, files, ref, both, prefer_size: bool) -> dict:
-    from .onnx_predictor import OnnxClassifier
+class _Job:
+    """One export: the bundle, the held-out files and PyTorch's answers on them, shared by the
+    fp32 file, its parity check and the int8 search."""
 
-    calib_files = held_out_files(model_dir, data, split="train", limit=64)
-    calib = np.concatenate([fp32_clf.pixels(p) for p in calib_files])
-    path8 = target.with_name("model.int8.onnx")
-    quantize_int8(target, path8, calib)
-    clf8 = OnnxClassifier(path8)
-    got8, ok8, _ = clf8.predict_proba(files)
-    agree8, diff8 = _agreement(ref, got8[both])
-    bench = np.concatenate([fp32_clf.pixels(p) for p in files[:32]])[:32]
-    speed32 = _throughput(fp32_clf, bench)
-    speed8 = _throughput(clf8, bench)
-    size32, size8 = target.stat().st_size / 1e6, path8.stat().st_size / 1e6
-    faster = speed8 > speed32
-    keep = agree8 >= INT8_MIN_AGREEMENT and (faster or prefer_size)
-    reason = ("kept: " + ("faster" if faster else "smaller, as asked")) if keep else (
-        f"not kept: top-1 agreement {agree8:.4f} < {INT8_MIN_AGREEMENT}" if agree8 < INT8_MIN_AGREEMENT else
-        f"not kept: slower than fp32 here ({speed8:.1f} vs {speed32:.1f} img/s); pass --prefer-size to keep "
-        f"the {size8:.1f} MB file anyway")
-    if not keep:
-        path8.unlink()
-    console.print(f"int8: {reason}")
-    return {"top1_agreement": agree8, "max_prob_diff": diff8, "img_per_s": round(speed8, 1),
-            "fp32_img_per_s": round(speed32, 1), "size_mb": round(size8, 2), "fp32_size_mb": round(size32, 2),
-            "kept": keep, "reason": reason, "path": path8.name if keep else None}
+    def __init__(self, clf, model_dir, data, out, target, files, prefer_size):
+        self.clf, self.model_dir, self.data, self.out, self.target = clf, model_dir, data, out, target
+        self.files, self.prefer_size = files, prefer_size
+        self.what = "clips" if clf.audio is not None else "images"
+        self.meta = _metadata(clf)
+        self.size = clf.preprocess.size
+        self._ref = None
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """PyTorch's probabilities on the held-out split (computed once) and which files it read."""
+        if self._ref is None:
+            console.print(f"parity check on {len(self.files)} held-out {self.what}: PyTorch eager first...")
+            ref, ok, _ = self.clf.predict_proba(self.files, progress=True)
+            if not ok.any():
+                raise FoldernetError(f"the parity check could not read any held-out file (e.g. {self.files[0]}); "
+                                     "nothing exported")
+            self._ref = ref, ok
+        return self._ref
+
+    def parity(self, predictor, name: str) -> dict:
+        """Top-1 agreement and largest probability difference against PyTorch on the held-out split."""
+        ref, ok_ref = self.reference()
+        got, ok, _ = predictor.predict_proba(self.files)
+        both = ok & ok_ref
+        if not both.any():
+            raise FoldernetError(f"the {name} model could not read any held-out file (e.g. {self.files[0]})")
+        agree, diff = _agreement(ref[both], got[both])
+        return {"top1_agreement": agree, "max_prob_diff": diff, "n": int(both.sum())}
+
+    def base_report(self, fmt: str, export_s: float, checked: dict) -> dict:
+        return {"format": fmt, "n": checked["n"], "inputs": self.what,
+                "split_files_from": str(self.files[0].parent.parent),
+                "fp32": {"top1_agreement": checked["top1_agreement"], "max_prob_diff": checked["max_prob_diff"],
+                         "export_seconds": round(export_s, 1)}}
+
+    def refuse(self, fmt: str, report: dict, tmp: Path) -> None:
+        import shutil
+
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        atomic_write_json(self.out / PARITY[fmt], report)
+        fp = report["fp32"]
+        raise FoldernetError(f"the {fmt} export disagrees with PyTorch on {(1 - fp['top1_agreement']) * 100:.2f}% of "
+                             f"held-out {self.what} (max probability difference {fp['max_prob_diff']:.3g}); not "
+                             f"written. Details: {self.out / PARITY[fmt]}")
+
+    def bench(self, predictor) -> np.ndarray:
+        rows = np.concatenate([predictor.pixels(p) for p in self.files[:32]])[:32]
+        return np.concatenate([rows] * (32 // len(rows) + 1))[:32] if len(rows) < 32 else rows
+
+    # --- ONNX ---
+
+    def onnx(self, int8: bool) -> dict:
+        import onnx
+
+        from .features import export_onnx
+        from .onnx_predictor import OnnxClassifier
+
+        t = time.perf_counter()
+        tmp = self.out / ".model.export.onnx"
+        export_onnx(_full_model(self.clf), self.size, tmp, output_names=["probabilities", "features", "logits"])
+        proto = onnx.load(str(tmp))
+        del proto.metadata_props[:]
+        proto.metadata_props.add(key="foldernet", value=json.dumps(self.meta, ensure_ascii=False))
+        proto.producer_name = "foldernet"
+        atomic_write_bytes(tmp, proto.SerializeToString())
+        export_s = time.perf_counter() - t
+        console.print("...then ONNX Runtime")
+        predictor = OnnxClassifier(tmp)
+        report = self.base_report("onnx", export_s, self.parity(predictor, "ONNX"))
+        if report["fp32"]["top1_agreement"] < 1.0:
+            self.refuse("onnx", report, tmp)
+        os.replace(tmp, self.target)
+        predictor = OnnxClassifier(self.target)
+        bench = self.bench(predictor)
+        report["fp32"].update(path=self.target.name, size_mb=round(self.target.stat().st_size / 1e6, 2),
+                              img_per_s=round(_throughput(predictor, bench), 1),
+                              single_ms=_latency_ms(predictor, bench[0]))
+        if int8:
+            def make(k: int, calib: np.ndarray, work: Path, prepared: dict):
+                if "path" not in prepared:
+                    prepared["path"] = _prepared(self.target, work)
+                    prepared["groups"] = stage_groups(prepared["path"])
+                groups = prepared["groups"]
+                if k and k >= len(groups):
+                    return None
+                cand = work / f"plan{k}.onnx"
+                quantize_int8(self.target, cand, calib, keep_fp32=[n for g in groups[:k] for n in g],
+                              prepared=prepared["path"])
+                return cand, OnnxClassifier(cand)
+
+            report["int8"] = self.int8(predictor, make, OnnxClassifier, bench)
+        return report
+
+    # --- TFLite ---
+
+    def tflite(self, int8: bool) -> dict:
+        from .mobile import TFLiteClassifier, convert_tflite, with_metadata
+
+        console.print("converting to TFLite (LiteRT)...")
+        t = time.perf_counter()
+        module = _full_model(self.clf)
+        tmp = self.out / ".model.export.tflite"
+        atomic_write_bytes(tmp, with_metadata(convert_tflite(module, self.size), self.meta))
+        export_s = time.perf_counter() - t
+        console.print("...then the LiteRT interpreter")
+        predictor = TFLiteClassifier(tmp)
+        report = self.base_report("tflite", export_s, self.parity(predictor, "TFLite"))
+        if report["fp32"]["top1_agreement"] < 1.0:
+            self.refuse("tflite", report, tmp)
+        os.replace(tmp, self.target)
+        predictor = TFLiteClassifier(self.target)
+        bench = self.bench(predictor)
+        report["fp32"].update(path=self.target.name, size_mb=round(self.target.stat().st_size / 1e6, 2),
+                              img_per_s=round(_throughput(predictor, bench, repeats=1), 1),
+                              single_ms=_latency_ms(predictor, bench[0]))
+        if int8:
+            def make(k: int, calib: np.ndarray, work: Path, prepared: dict):
+                from .mobile import _stages
+
+                if k and k >= len(_stages(module)):
+                    return None
+                cand = work / f"plan{k}.tflite"
+                atomic_write_bytes(cand, with_metadata(convert_tflite(module, self.size, calib[:128], k), self.meta))
+                return cand, TFLiteClassifier(cand)
+
+            report["int8"] = self.int8(predictor, make, TFLiteClassifier, bench, single=True)
+        return report
+
+    # --- Core ML ---
+
+    def coreml(self, int8: bool) -> dict:
+        import shutil
+        import tempfile
+
+        from .mobile import MAC_CHECK, CoreMLClassifier, can_run_coreml, check_coreml, convert_coreml
+
+        report: dict = {"format": "coreml", "n": 0, "inputs": self.what,
+                        "split_files_from": str(self.files[0].parent.parent)}
+        module = _full_model(self.clf)
+        for precision, name in (("fp32", self.target.name), ("int8", "model.int8.mlpackage")):
+            if precision == "int8" and not int8:
+                continue
+            console.print(f"converting to Core ML ({'fp16 compute' if precision == 'fp32' else 'int8 weights'})...")
+            t = time.perf_counter()
+            model = convert_coreml(module, self.size, self.meta, int8=precision == "int8")
+            tmp = Path(tempfile.mkdtemp(prefix=".coreml.", dir=self.out)) / name
+            try:
+                model.save(str(tmp))
+                spec = check_coreml(tmp, self.meta, self.size)
+                if spec["problems"]:
+                    raise FoldernetError(f"the Core ML conversion is wrong: {'; '.join(spec['problems'])}; not written")
+                entry = {"path": name, "export_seconds": round(time.perf_counter() - t, 1), "spec": spec,
+                         "size_mb": round(sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6, 2),
+                         "compute": "fp16" if precision == "fp32" else "int8 weights, fp16 activations"}
+                if can_run_coreml():
+                    checked = self.parity(CoreMLClassifier(tmp), "Core ML")
+                    entry.update(top1_agreement=checked["top1_agreement"], max_prob_diff=checked["max_prob_diff"])
+                    report["n"] = checked["n"]
+                    need = 1.0 if precision == "fp32" else INT8_MIN_AGREEMENT
+                    entry["kept"] = checked["top1_agreement"] >= need
+                else:
+                    entry.update(top1_agreement=None, kept=True, verified=False, note=MAC_CHECK)
+                if entry["kept"]:
+                    _replace(tmp, self.out / name)
+            finally:
+                shutil.rmtree(tmp.parent, ignore_errors=True)
+            report[precision] = entry
+        if not can_run_coreml():
+            console.print(f"[yellow]note:[/] {MAC_CHECK}")
+        return report
+
+    # --- int8, any format ---
+
+    def int8(self, fp32_predictor, make, predictor_cls, bench: np.ndarray, single: bool = False) -> dict:
+        """Quantise with the fastest plan that agrees with fp32 on a selection split, then check it on
+        the held-out split like the fp32 file: kept when it agrees on >= 99 % and is faster."""
+        _, splits = split_files(self.model_dir, self.data)
+        train = splits.get("train") or self.files
+        calib_files = _sample(train, 128)
+        calib = np.concatenate([fp32_predictor.pixels(p) for p in calib_files])
+        # choose the plan on the validation split when the check runs on a test split; without one, on
+        # the check split itself (training images would flatter int8: the head fits them with wide margins)
+        if splits.get("test") and splits.get("val"):
+            select_files, select_split = _sample(splits["val"], 300, seed=1), "val"
+        else:
+            select_files, select_split = self.files, "the check split itself (no separate validation split)"
+        select_ref, ok_sel, _ = fp32_predictor.predict_proba(select_files)
+        path8 = self.target.with_name(self.target.stem + ".int8" + self.target.suffix)
+        work = self.out / ".int8"
+        work.mkdir(exist_ok=True)
+        tried, best, prepared = [], None, {}
+        try:
+            for k in INT8_PLANS:
+                made = make(k, calib, work, prepared)
+                if made is None:
+                    break
+                cand, predictor = made
+                got, ok, _ = predictor.predict_proba(select_files)
+                m = ok & ok_sel
+                agree = float(np.mean(got[m].argmax(1) == select_ref[m].argmax(1))) if m.any() else 0.0
+                tried.append({"plan": _plan_name(k), "selection_agreement": round(agree, 4)})
+                console.print(f"int8 plan '{_plan_name(k)}': agreement {agree:.4f} on {int(m.sum())} images of "
+                              f"{select_split}")
+                if best is None or agree > best[1]:
+                    best = (k, agree, cand)
+                if agree >= INT8_SELECT_AGREEMENT:
+                    break
+            k, _, cand = best
+            os.replace(cand, path8)
+        finally:
+            for f in work.glob("*"):
+                f.unlink()
+            work.rmdir()
+        clf8 = predictor_cls(path8)
+        checked = self.parity(clf8, "int8")
+        agree8, diff8 = checked["top1_agreement"], checked["max_prob_diff"]
+        speed32 = _throughput(fp32_predictor, bench, repeats=1 if single else 3)
+        speed8 = _throughput(clf8, bench, repeats=1 if single else 3)
+        size32, size8 = self.target.stat().st_size / 1e6, path8.stat().st_size / 1e6
+        faster = speed8 > speed32
+        keep = agree8 >= INT8_MIN_AGREEMENT and (faster or self.prefer_size)
+        reason = ("kept: " + ("faster" if faster else "smaller, as asked")) if keep else (
+            f"not kept: top-1 agreement {agree8:.4f} < {INT8_MIN_AGREEMENT}" if agree8 < INT8_MIN_AGREEMENT else
+            f"not kept: slower than fp32 here ({speed8:.1f} vs {speed32:.1f} img/s); pass --prefer-size to keep "
+            f"the {size8:.1f} MB file anyway")
+        single_ms = _latency_ms(clf8, bench[0])
+        if not keep:
+            path8.unlink()
+        console.print(f"int8: {reason}")
+        return {"top1_agreement": agree8, "max_prob_diff": diff8, "img_per_s": round(speed8, 1),
+                "fp32_img_per_s": round(speed32, 1), "speedup": round(speed8 / speed32, 2),
+                "single_ms": single_ms, "size_mb": round(size8, 2), "fp32_size_mb": round(size32, 2), "kept": keep,
+                "reason": reason, "path": path8.name if keep else None, "plan": _plan_name(k),
+                "plans_tried": tried, "selection_split": select_split, "calibration_images": len(calib_files)}
+
+
+def _sample(files: list[Path], n: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    return [files[i] for i in sorted(rng.permutation(len(files))[:n])]
+
+
+def table_rows(folder: Path) -> list[dict]:
+    """One row per format and precision exported into ``folder``: file, size, agreement, speed."""
+    rows = []
+    for fmt, name in PARITY.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            report = json.loads(path.read_text())
+        except ValueError:
+            continue
+        for precision in ("fp32", "int8"):
+            r = report.get(precision)
+            if not r:
+                continue
+            label = precision if not (fmt == "coreml" and precision == "fp32") else "fp16"
+            if r.get("kept") is False or not r.get("path"):
+                reason = r.get("reason", "")
+                status = ("not kept: agreement" if "agreement" in reason else
+                          "not kept: slower" if "slower" in reason else "not written")
+            elif r.get("verified") is False:
+                status = "unverified (needs macOS)"
+            else:
+                status = "kept"
+            rows.append({"format": fmt, "precision": label, "file": r.get("path") or "-",
+                         "size_mb": r.get("size_mb"), "top1_agreement": r.get("top1_agreement"),
+                         "single_ms": r.get("single_ms"), "img_per_s": r.get("img_per_s"), "status": status})
+    return rows
+
+
+def write_table(folder: Path) -> Path:
+    """``report.md``: the size/latency table of every model file in the export folder."""
+    rows = table_rows(folder)
+    cols = ["format", "precision", "file", "size_mb", "top1_agreement", "single_ms", "img_per_s", "status"]
+    lines = ["# foldernet export", "",
+             f"Measured on this machine ({os.cpu_count()} CPU cores). top1_agreement: with the PyTorch model "
+             "on the held-out split; single_ms: one preprocessed image through the model; img_per_s: batch 32 "
+             "for ONNX Runtime, one image at a time for TFLite.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{v:.4f}" if k == "top1_agreement" and isinstance(v, float) else ("" if v is None else str(v))
+                 for k, v in ((c, r[c]) for c in cols)]
+        lines.append("| " + " | ".join(cells) + " |")
+    path = folder / "report.md"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path

@@ -21,38 +21,25 @@ from .modality import decode_error, source_pixels
 from .preprocess import Preprocess, mean_per_input
 
 
-class OnnxClassifier(Predictor):
-    """Same API as :class:`foldernet.bundle.Classifier`, backed by one ONNX file."""
+class ExportedClassifier(Predictor):
+    """What every exported model file shares: labels, preprocessing, temperature and the "not sure"
+    rule from its ``foldernet`` metadata, Pillow/NumPy preprocessing, and batching. Subclasses load
+    the file and give ``run(batch) -> {output name: array}``."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, batch_size: int = 32):
-        import onnxruntime as ort
+    path: Path
+    batch_size = 32
 
-        path = Path(path)
-        if path.is_dir():
-            cands = [path / "export" / "model.onnx", path / "model.onnx"]
-            path = next((c for c in cands if c.is_file()), cands[0])
-        if not path.is_file():
-            raise FoldernetError(f"no ONNX model at {path}: run `foldernet export RUN` first")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or os.cpu_count() or 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            meta = self.session.get_modelmeta().custom_metadata_map
-        except Exception as exc:  # noqa: BLE001 - truncated or corrupted: ONNX Runtime raises its own types
-            raise FoldernetError(f"the ONNX model at {path} is damaged: it does not load ({type(exc).__name__}: "
-                                 f"{str(exc)[:160]}); export it again with `foldernet export RUN --force`") from None
-        if "foldernet" not in meta:
-            raise FoldernetError(f"{path} has no foldernet metadata (labels, preprocessing); export it with "
+    def _read_metadata(self, raw: str | None, fix: str) -> None:
+        if raw is None:
+            raise FoldernetError(f"{self.path} has no foldernet metadata (labels, preprocessing); export it with "
                                  "`foldernet export`")
         try:
-            info = json.loads(meta["foldernet"])
+            info = json.loads(raw)
             labels, pre = list(info["labels"]), Preprocess.from_dict(info["preprocess"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise FoldernetError(f"the ONNX model at {path} is damaged: its foldernet metadata is unreadable "
-                                 f"({type(exc).__name__}); export it again") from None
-        self.path = path
+            raise FoldernetError(f"the model at {self.path} is damaged: its foldernet metadata is unreadable "
+                                 f"({type(exc).__name__}); {fix}") from None
+        self.metadata = info
         self.labels: list[str] = labels
         self.preprocess = pre
         self.temperature = float(info.get("temperature", 1.0))
@@ -63,19 +50,15 @@ class OnnxClassifier(Predictor):
             self.audio = AudioConfig.from_dict(info["audio"])
         self.threshold = info.get("threshold")
         self.similarity_threshold = info.get("similarity_threshold")
-        bundle_dir = path.parent.parent / "model"  # RUN/export/model.onnx -> RUN/model (similar index)
+        bundle_dir = self.path.parent.parent / "model"  # RUN/export/model.onnx -> RUN/model (similar index)
         self.index_dir = bundle_dir if bundle_dir.is_dir() else None
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.batch_size = batch_size
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
     def pixels(self, source) -> np.ndarray:
         """(k, 3, S, S): one row for an image, one per window for audio."""
         return source_pixels(source, self.preprocess, self.audio)
-
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
-        return dict(zip(self.output_names, outs))
 
     def forward(self, pixel_list: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """Per input (k windows each): probabilities from the mean logits, and the mean features."""
@@ -115,3 +98,36 @@ class OnnxClassifier(Predictor):
                 feats[idx] = f
             ok[idx] = True
         return Batch(probs, feats, ok, errors)
+
+
+class OnnxClassifier(ExportedClassifier):
+    """Same API as :class:`foldernet.bundle.Classifier`, backed by one ONNX file."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, batch_size: int = 32):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if path.is_dir():
+            cands = [path / "export" / "model.onnx", path / "model.onnx"]
+            path = next((c for c in cands if c.is_file()), cands[0])
+        if not path.is_file():
+            raise FoldernetError(f"no ONNX model at {path}: run `foldernet export RUN` first")
+        self.path = path
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            meta = self.session.get_modelmeta().custom_metadata_map
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupted: ONNX Runtime raises its own types
+            raise FoldernetError(f"the ONNX model at {path} is damaged: it does not load ({type(exc).__name__}: "
+                                 f"{str(exc)[:160]}); export it again with `foldernet export RUN --force`") from None
+        self._read_metadata(meta.get("foldernet"), "export it again")
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.batch_size = batch_size
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        return dict(zip(self.output_names, outs))

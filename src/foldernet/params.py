@@ -218,7 +218,8 @@ FRAMES = [
     _p("max_frames", int, None, "at most this many frames per video", 1, 1_000_000, optional=True),
 ]
 EXPORT = [
-    _p("format", str, "onnx", "model format", choices=("onnx",)),
+    _p("format", str, "onnx", "onnx (servers); tflite or coreml (phones; pip install 'foldernet[mobile]')",
+       choices=("onnx", "tflite", "coreml")),
     _p("int8", bool, False, "also try static int8 quantisation (kept only if it agrees and is faster)"),
     _p("prefer_size", bool, False, "keep int8 when it agrees but is not faster"),
     _p("force", bool, False, "replace an existing export that foldernet wrote"),
