@@ -431,8 +431,17 @@ class Classifier(Predictor):
         return Batch(self.proba_from_features(vectors), vectors, f.ok, f.errors)
 
 
-def load(path: str | os.PathLike, engine: str = "onnx", use_cache: bool = True) -> Classifier:
-    """Load a bundle from ``RUN`` or ``RUN/model``."""
+def load(path: str | os.PathLike, engine: str = "onnx", use_cache: bool = True) -> Predictor:
+    """Load a bundle from ``RUN`` or ``RUN/model``, or an exported ``.onnx`` / ``.tflite`` file."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".onnx" and Path(path).is_file():
+        from .onnx_predictor import OnnxClassifier
+
+        return OnnxClassifier(path)
+    if suffix == ".tflite":
+        from .mobile import TFLiteClassifier
+
+        return TFLiteClassifier(path)
     return Classifier(find_model_dir(path), engine=engine, use_cache=use_cache)
 
 

@@ -258,6 +258,19 @@ class _Job:
         agree, diff = _agreement(ref[both], got[both])
         return {"top1_agreement": agree, "max_prob_diff": diff, "n": int(both.sum())}
 
+    def answered_agreement(self, predictor) -> dict:
+        """Top-1 agreement on the held-out items the model answers (not "not sure" by its confidence
+        threshold): where int8 changes an answer the model was already unsure of, a user never sees it."""
+        from .calibration import not_sure_mask
+
+        ref, ok_ref = self.reference()
+        got, ok, _ = predictor.predict_proba(self.files)
+        sure = ok & ok_ref & ~not_sure_mask(ref, None, self.clf.threshold, None)
+        if not sure.any():
+            return {}
+        return {"answered_top1_agreement": float(np.mean(ref[sure].argmax(1) == got[sure].argmax(1))),
+                "answered": int(sure.sum())}
+
     def base_report(self, fmt: str, export_s: float, checked: dict) -> dict:
         return {"format": fmt, "n": checked["n"], "inputs": self.what,
                 "split_files_from": str(self.files[0].parent.parent),
@@ -444,6 +457,7 @@ class _Job:
             work.rmdir()
         clf8 = predictor_cls(path8)
         checked = self.parity(clf8, "int8")
+        answered = self.answered_agreement(clf8)
         agree8, diff8 = checked["top1_agreement"], checked["max_prob_diff"]
         speed32 = _throughput(fp32_predictor, bench, repeats=1 if single else 3)
         speed8 = _throughput(clf8, bench, repeats=1 if single else 3)
@@ -462,7 +476,8 @@ class _Job:
                 "fp32_img_per_s": round(speed32, 1), "speedup": round(speed8 / speed32, 2),
                 "single_ms": single_ms, "size_mb": round(size8, 2), "fp32_size_mb": round(size32, 2), "kept": keep,
                 "reason": reason, "path": path8.name if keep else None, "plan": _plan_name(k),
-                "plans_tried": tried, "selection_split": select_split, "calibration_images": len(calib_files)}
+                "plans_tried": tried, "selection_split": select_split, "calibration_images": len(calib_files),
+                **answered}
 
 
 def _sample(files: list[Path], n: int, seed: int = 0) -> list[Path]:

@@ -29,14 +29,15 @@ INSTALL_HINT = "pip install 'foldernet[mobile]'"
 OUTPUTS = ("probabilities", "features", "logits")
 
 
-def require(module: str, fmt: str):
-    """Import an optional converter, or stop with the one line that installs it."""
+def require(module: str, fmt: str, what: str | None = None):
+    """Import an optional converter or runtime, or stop with the one line that installs it."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise FoldernetError(f"--format {fmt} needs the mobile extra, which is not installed: {INSTALL_HINT}") from None
+        raise FoldernetError(f"{what or '--format ' + fmt} needs the mobile extra, which is not installed: "
+                             f"{INSTALL_HINT}") from None
 
 
 @contextlib.contextmanager
@@ -166,7 +167,7 @@ class TFLiteClassifier(ExportedClassifier):
     LiteRT interpreter (XNNPACK on CPU), one image at a time as a phone would."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        require("ai_edge_litert", "tflite")
+        require("ai_edge_litert", "tflite", "running a .tflite model")
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = Path(path)
@@ -259,7 +260,7 @@ class CoreMLClassifier(ExportedClassifier):
     """An ``.mlpackage`` run by Core ML (macOS only), for the parity check on a Mac."""
 
     def __init__(self, path: str | os.PathLike):
-        ct = require("coremltools", "coreml")
+        ct = require("coremltools", "coreml", "running a Core ML model")
         self.path = Path(path)
         self.model = ct.models.MLModel(str(self.path))
         self._read_metadata(self.model.user_defined_metadata.get("foldernet"), "export it again")
