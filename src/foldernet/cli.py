@@ -164,21 +164,31 @@ def _warn_unreadable(n: int) -> None:
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
-    inputs: List[Path] = typer.Argument(..., help="image files and/or folders"),
+    inputs: List[str] = typer.Argument(..., help="image files and/or folders; with --out: one folder, glob, "
+                                       ".txt/.csv/.parquet list of paths or URIs"),
     top_k: Optional[int] = _opt("predict", "top_k", "--top-k", "-k"),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="write a CSV instead of printing"),
     similar: Optional[int] = _opt("predict", "similar", "--similar"),
     timeline: bool = typer.Option(False, "--timeline", help="audio: answer every window of each recording "
                                   "(start-end seconds) instead of their average: what sounds when"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="a Parquet folder for large collections "
+                                       "(resumable; runs the ONNX export)"),
+    engine: Optional[str] = _opt("predict", "engine", "--engine"),
+    address: Optional[str] = _opt("predict", "address", "--address"),
+    chunk_rows: Optional[int] = _opt("predict", "chunk_rows", "--chunk-rows"),
+    force: bool = _opt("predict", "force", "--force", default=False),
 ) -> None:
-    """Top-k labels with probabilities for each image (label_image style), or a CSV."""
+    """Top-k labels with probabilities for each image (label_image style), a CSV, or a Parquet folder."""
     from .bundle import load
     from .modality import expand_inputs
     from .io import atomic_write_text
     from .params import check
 
-    o = check("predict", _given({"top_k": top_k, "similar": similar}))
+    o = check("predict", _given({"top_k": top_k, "similar": similar, "engine": engine, "address": address,
+                                 "chunk_rows": chunk_rows, "force": force}))
     top_k, similar = o["top_k"], o["similar"]
+    if out is not None or o["engine"] == "ray":
+        return _batch_job("predict", run, inputs, out, o)
     sources = expand_inputs(inputs)  # a missing file or an empty folder: said before the model loads
     model = load(run)
     if timeline:
@@ -212,6 +222,37 @@ def predict(
             for n in p.similar:
                 stdout.print(f"  similar: {n.path} ({n.label}) {n.similarity:.3f}")
     _warn_unreadable(n_bad)
+
+
+def _batch_job(task: str, run: Path, inputs: list[str], out: Path | None, o: dict) -> None:
+    """`predict --out` / `embed`: every file of one source into a resumable Parquet folder."""
+    from .scale import run_batch
+
+    if out is None:
+        raise FoldernetError(f"--engine ray writes a Parquet folder: add --out {task}.parquet")
+    if len(inputs) != 1:
+        raise FoldernetError(f"give one source with --out (a folder, a glob or a list file), not {len(inputs)}")
+    r = run_batch(run, inputs[0], out, task=task, engine=o["engine"], address=o["address"],
+                  top_k=o.get("top_k", 5), chunk_rows=o["chunk_rows"], force=o["force"])
+    stdout.print(f"{r['processed']} of {r['files']} files in {r['seconds']} s ({r['files_per_s']} files/s, "
+                 f"{r['engine']}); {r['unreadable']} unreadable (see the error column); results: {r['out']}")
+
+
+@app.command()
+def embed(
+    run: Path = typer.Argument(..., help="run folder (its ONNX export is used) or an exported model.onnx"),
+    source: str = typer.Argument(..., help="a folder, a glob, or a .txt/.csv/.parquet list of paths or URIs"),
+    out: Path = typer.Option(..., "--out", "-o", help="the Parquet folder to write (path, embedding, error)"),
+    engine: Optional[str] = _opt("embed", "engine", "--engine"),
+    address: Optional[str] = _opt("embed", "address", "--address"),
+    chunk_rows: Optional[int] = _opt("embed", "chunk_rows", "--chunk-rows"),
+    force: bool = _opt("embed", "force", "--force", default=False),
+) -> None:
+    """Unit-length features (float16) of every file, to Parquet: the input of search and audit at scale."""
+    from .params import check
+
+    o = check("embed", _given({"engine": engine, "address": address, "chunk_rows": chunk_rows, "force": force}))
+    _batch_job("embed", run, [source], out, o)
 
 
 def _predict_timeline(model, inputs: list[Path], top_k: int, csv_out: Path | None) -> None:

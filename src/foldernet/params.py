@@ -191,11 +191,20 @@ TRAIN = [
     _p("report", bool, True, "write report.html", section="run"),
 ]
 
+BATCH = [
+    _p("engine", str, "local", "local: this process; ray: Ray Data tasks and actors (pip install 'foldernet[ray]')",
+       choices=("local", "ray")),
+    _p("address", str, None, "Ray cluster to join (ray://host:10001 or auto); default: Ray on this machine",
+       optional=True),
+    _p("chunk_rows", int, 1024, "files per Parquet part, the unit a restarted job resumes from", 1, 10_000_000),
+    _p("force", bool, False, "replace --out results of another job that foldernet wrote"),
+]
 PREDICT = [
     _p("top_k", int, 5, "how many labels to list per input", 1, 10_000),
     _p("similar", int, 0, "also list this many most similar training examples", 0, 1000),
     _p("batch_size", int, 256, "inputs decoded per chunk", 1, 100_000),
-]
+] + BATCH
+EMBED = list(BATCH)
 SIMILAR = [_p("k", int, 5, "how many neighbours", 1, 1000)]
 SPLIT = [p for p in TRAIN if p.name in ("val", "test", "seed", "label_regex", "group_by")] + [
     _p("folds", int, 0, "write N cross-validation splits (0: one splits.csv)", 0, 100),
@@ -254,7 +263,7 @@ AUTOLABEL = [
 TABLES: dict[str, list[Param]] = {
     "train": TRAIN, "predict": PREDICT, "similar": SIMILAR, "split": SPLIT, "audit": AUDIT, "collect": COLLECT,
     "frames": FRAMES, "export": EXPORT, "serve": SERVE, "compare": COMPARE, "demo": DEMO, "suggest": SUGGEST,
-    "autolabel": AUTOLABEL,
+    "autolabel": AUTOLABEL, "embed": EMBED,
 }
 
 
