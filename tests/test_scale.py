@@ -136,3 +136,38 @@ def test_ray_engine_without_the_extra_says_how_to_install(onnx_model, collection
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "pip install 'foldernet[ray]'" in text and "Traceback" not in text
     assert not (tmp_path / "o").exists()
+
+
+def test_duplicates_from_embeddings_finds_copies_and_flips(onnx_model, collection, tmp_path):
+    import shutil
+
+    from foldernet.dedup import similar_pairs
+
+    pile = tmp_path / "pile"
+    pile.mkdir()
+    files = sorted(collection.glob("*.png"))[:30]
+    for f in files:
+        shutil.copy(f, pile / f.name)
+    shutil.copy(files[0], pile / "copy_of_first.png")                     # same bytes
+    from PIL import Image
+
+    Image.open(files[1]).convert("RGB").save(pile / "reencoded_second.jpg", quality=92)  # other bytes
+    run_batch(onnx_model, pile, tmp_path / "emb", task="embed", progress=False)
+    proc = subprocess.run([sys.executable, "-m", "foldernet", "duplicates", str(tmp_path / "emb"), "--out",
+                           str(tmp_path / "pairs.csv")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "pairs.csv")))
+    names = {(r["kind"], os.path.basename(r["path_a"]), os.path.basename(r["path_b"])) for r in rows}
+    assert ("exact", "copy_of_first.png", files[0].name) in names or \
+        ("exact", files[0].name, "copy_of_first.png") in names
+    assert any(k == "near" and "reencoded_second.jpg" in (a, b) and files[1].name in (a, b) for k, a, b in names)
+    # the approximate index finds planted near duplicates as the exact search does
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 64)).astype(np.float32)
+    x[1500:1600] = x[:100] + 0.01 * rng.standard_normal((100, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact = {(a, b) for a, b, _ in similar_pairs(x, 0.99)}
+    approx = {(a, b) for a, b, _ in similar_pairs(x, 0.99, exact_below=100)}
+    assert exact == {(i, 1500 + i) for i in range(100)} and approx == exact

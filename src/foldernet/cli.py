@@ -255,6 +255,31 @@ def embed(
     _batch_job("embed", run, [source], out, o)
 
 
+@app.command()
+def duplicates(
+    embeddings: Path = typer.Argument(..., help="the Parquet folder of `foldernet embed`"),
+    out: Path = typer.Option(..., "--out", "-o", help="CSV of pairs: kind (exact|near), path_a, path_b, cosine"),
+    min_cosine: Optional[float] = _opt("duplicates", "min_cosine", "--min-cosine"),
+    k: Optional[int] = _opt("duplicates", "k", "-k"),
+) -> None:
+    """Exact and near duplicates among millions of files, from their embeddings (an approximate index)."""
+    from .io import atomic_write_text
+    from .params import check
+    from .scale import duplicates as _duplicates
+
+    o = check("duplicates", _given({"min_cosine": min_cosine, "k": k}))
+    if out.exists() or out.is_symlink():
+        raise FoldernetError(f"--out {out} already exists; choose another file (foldernet never replaces it)")
+    rows = _duplicates(embeddings, min_cosine=o["min_cosine"], k=o["k"])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["kind", "path_a", "path_b", "cosine"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out, buf.getvalue())
+    n_exact = sum(r["kind"] == "exact" for r in rows)
+    stdout.print(f"{n_exact} exact and {len(rows) - n_exact} near duplicate pairs: {out}")
+
+
 def _predict_timeline(model, inputs: list[Path], top_k: int, csv_out: Path | None) -> None:
     """`predict --timeline`: one row per window of each recording, printed or as a CSV."""
     from .io import atomic_write_text

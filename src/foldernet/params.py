@@ -205,6 +205,11 @@ PREDICT = [
     _p("batch_size", int, 256, "inputs decoded per chunk", 1, 100_000),
 ] + BATCH
 EMBED = list(BATCH)
+DUPLICATES = [
+    _p("min_cosine", float, 0.95, "embedding cosine at or above which two files are near duplicates", 0, 1,
+       low_open=True),
+    _p("k", int, 10, "neighbours searched per file (the approximate index, above 20,000 files)", 1, 1000),
+]
 SIMILAR = [_p("k", int, 5, "how many neighbours", 1, 1000)]
 SPLIT = [p for p in TRAIN if p.name in ("val", "test", "seed", "label_regex", "group_by")] + [
     _p("folds", int, 0, "write N cross-validation splits (0: one splits.csv)", 0, 100),
@@ -263,7 +268,7 @@ AUTOLABEL = [
 TABLES: dict[str, list[Param]] = {
     "train": TRAIN, "predict": PREDICT, "similar": SIMILAR, "split": SPLIT, "audit": AUDIT, "collect": COLLECT,
     "frames": FRAMES, "export": EXPORT, "serve": SERVE, "compare": COMPARE, "demo": DEMO, "suggest": SUGGEST,
-    "autolabel": AUTOLABEL, "embed": EMBED,
+    "autolabel": AUTOLABEL, "embed": EMBED, "duplicates": DUPLICATES,
 }
 
 

@@ -118,7 +118,7 @@ class ModelWorker:
         self.clf = OnnxClassifier(onnx_path, threads=max(1, int(threads)))
         self.task, self.top_k = task, min(top_k, len(self.clf.labels))
 
-    def decode(self, paths) -> tuple[list, list[str | None]]:
+    def decode(self, paths) -> tuple[list, list[str | None], list[str]]:
         return decode_paths(self.clf, paths)
 
     def __call__(self, batch: dict) -> dict:
@@ -129,15 +129,16 @@ class ModelWorker:
                                                                          self.clf.preprocess.size)
                       for x, e in zip(batch["pixels"], batch["error"])]
             errors = [e or None for e in batch["error"]]
+            digests = list(batch["sha256"])
         else:
-            pixels, errors = self.decode(batch["path"])
-        return self.answer(list(batch["row"]), list(batch["path"]), pixels, errors)
+            pixels, errors, digests = self.decode(batch["path"])
+        return self.answer(list(batch["row"]), list(batch["path"]), pixels, errors, digests)
 
-    def answer(self, rows, paths, pixels, errors) -> dict:
+    def answer(self, rows, paths, pixels, errors, digests) -> dict:
         good = [i for i, x in enumerate(pixels) if x is not None]
         n = len(paths)
         out: dict = {"row": np.asarray(rows, np.int64), "path": np.asarray(paths, object),
-                     "error": np.asarray([e or "" for e in errors], object)}
+                     "error": np.asarray([e or "" for e in errors], object), "sha256": np.asarray(digests, object)}
         probs = feats = None
         if good:
             probs, feats = self.clf.forward([pixels[i] for i in good])
@@ -171,25 +172,30 @@ class ModelWorker:
         return out
 
 
-def decode_paths(clf, paths) -> tuple[list, list[str | None]]:
-    """Preprocessed pixels of each path (None with the reason when it cannot be read or decoded)."""
+def decode_paths(clf, paths) -> tuple[list, list[str | None], list[str]]:
+    """Preprocessed pixels of each path (None with the reason when it cannot be read or decoded),
+    and the SHA-256 of its bytes (exact duplicates)."""
+    import hashlib
+
     from .modality import decode_error
 
-    pixels, errors = [], []
+    pixels, errors, digests = [], [], []
     for p in paths:
         try:
             data = read_bytes(str(p))
         except OSError as exc:
             pixels.append(None)
             errors.append(f"cannot read the file: {exc.strerror or type(exc).__name__}")
+            digests.append("")
             continue
+        digests.append(hashlib.sha256(data).hexdigest())
         try:
             pixels.append(clf.pixels(data))
             errors.append(None)
         except Exception as exc:  # noqa: BLE001 - a bad file is a row with its reason, never fatal
             pixels.append(None)
             errors.append(decode_error(exc, clf.audio))
-    return pixels, errors
+    return pixels, errors, digests
 
 
 class Decoder:
@@ -203,13 +209,13 @@ class Decoder:
     def __call__(self, batch: dict) -> dict:
         if self.clf is None:
             self.clf = _Preprocessing(self.onnx_path)
-        pixels, errors = decode_paths(self.clf, batch["path"])
+        pixels, errors, digests = decode_paths(self.clf, batch["path"])
         size = 3 * self.clf.preprocess.size ** 2
         flat = np.empty(len(pixels), object)
         for i, x in enumerate(pixels):
             flat[i] = x.reshape(-1) if x is not None else np.zeros(size, np.float32)
         return {"row": batch["row"], "path": batch["path"], "pixels": flat,
-                "error": np.asarray([e or "" for e in errors], object)}
+                "error": np.asarray([e or "" for e in errors], object), "sha256": np.asarray(digests, object)}
 
 
 class _Preprocessing:
@@ -278,7 +284,7 @@ class Output:
                                                               np.asarray(v).shape[1])
             elif k in ("top_labels", "top_probs"):
                 arrays[k] = pa.array(list(v), pa.list_(pa.string() if k == "top_labels" else pa.float32()))
-            elif k in ("path", "label", "error"):
+            elif k in ("path", "label", "error", "sha256"):
                 arrays[k] = pa.array([str(x) for x in v], pa.string())
             else:
                 arrays[k] = pa.array(v)
@@ -380,8 +386,8 @@ def _local_batches(onnx_path: Path, todo, task: str, top_k: int, batch: int = 64
     groups = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         decoded = pool.map(lambda g: worker.decode([p for _, p in g]), groups)
-        for g, (pixels, errors) in zip(groups, decoded):
-            yield worker.answer([i for i, _ in g], [p for _, p in g], pixels, errors)
+        for g, (pixels, errors, digests) in zip(groups, decoded):
+            yield worker.answer([i for i, _ in g], [p for _, p in g], pixels, errors, digests)
 
 
 def _ray_batches(onnx_path: Path, todo, task: str, top_k: int, address: str | None, batch: int = 64):
@@ -425,3 +431,34 @@ def read_results(out: str | os.PathLike):
     if not parts:
         raise FoldernetError(f"no results in {out}")
     return pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+def duplicates(embeddings: str | os.PathLike, min_cosine: float = 0.95, k: int = 10) -> list[dict]:
+    """Exact (same bytes) and near (embedding cosine >= ``min_cosine``) duplicate pairs among the files
+    of an ``embed`` job's Parquet folder; near pairs come from an approximate index when there are many."""
+    from .dedup import similar_pairs
+
+    table = read_results(embeddings)
+    if "embedding" not in table.column_names:
+        raise FoldernetError(f"{embeddings} holds no embeddings; make them with `foldernet embed RUN SOURCE --out DIR`")
+    paths = table.column("path").to_pylist()
+    errors = table.column("error").to_pylist()
+    digests = table.column("sha256").to_pylist() if "sha256" in table.column_names else [""] * len(paths)
+    ok = np.flatnonzero([not e for e in errors])
+    dim = table.schema.field("embedding").type.list_size
+    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    emb = flat.reshape(-1, dim)[ok].astype(np.float32)
+    out: list[dict] = []
+    first: dict[str, int] = {}
+    for i, d in enumerate(digests):
+        if not d:
+            continue
+        if d in first:
+            out.append({"kind": "exact", "path_a": paths[first[d]], "path_b": paths[i], "cosine": 1.0})
+        else:
+            first[d] = i
+    for a, b, c in similar_pairs(emb, min_cosine, k=k):
+        if digests[ok[a]] and digests[ok[a]] == digests[ok[b]]:
+            continue  # the same bytes: listed as exact
+        out.append({"kind": "near", "path_a": paths[ok[a]], "path_b": paths[ok[b]], "cosine": round(float(c), 4)})
+    return out
