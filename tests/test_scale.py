@@ -171,3 +171,18 @@ def test_duplicates_from_embeddings_finds_copies_and_flips(onnx_model, collectio
     exact = {(a, b) for a, b, _ in similar_pairs(x, 0.99)}
     approx = {(a, b) for a, b, _ in similar_pairs(x, 0.99, exact_below=100)}
     assert exact == {(i, 1500 + i) for i in range(100)} and approx == exact
+
+
+def test_similar_search_uses_the_approximate_index_on_large_sets(trained_run):
+    pytest.importorskip("faiss", reason="the ray extra: pip install 'foldernet[ray]'")
+    from foldernet.similar import SimilarIndex
+
+    exact = SimilarIndex(trained_run.run_dir / "model")
+    approx = SimilarIndex(trained_run.run_dir / "model")
+    approx.exact_below = 10  # as if the training set were large
+    queries = exact.embeddings[::7]
+    a, b = exact.search(queries, k=3), approx.search(queries, k=3)
+    assert approx._approximate() is not None and exact._approximate() is None
+    # every training image finds itself first, through either path
+    assert [n[0].index for n in a] == [n[0].index for n in b] == list(range(0, len(exact.embeddings), 7))
+    np.testing.assert_allclose(exact.knn_similarity(queries, 3), approx.knn_similarity(queries, 3), atol=0.05)

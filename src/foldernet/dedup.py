@@ -64,6 +64,26 @@ def near_duplicate_pairs(vectors: np.ndarray, fps: list[dict | None], rows: np.n
 ANN_EXACT_BELOW = 20_000  # brute force below this many vectors; FAISS IVF above (benchmarks/scale.py)
 
 
+def ivf_index(unit: np.ndarray, nprobe: int = 16):
+    """A FAISS inverted-file index (inner product) over unit rows: 4*sqrt(n) lists trained on a sample,
+    ``nprobe`` searched per query. Needs faiss-cpu (the ray extra)."""
+    try:
+        import faiss
+    except ImportError:
+        from .errors import FoldernetError
+
+        raise FoldernetError(f"searching {len(unit)} vectors uses an approximate index, which needs the ray extra: "
+                             "pip install 'foldernet[ray]'") from None
+    n, d = unit.shape
+    nlist = max(1, int(4 * np.sqrt(n)))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    index.train(np.ascontiguousarray(unit[rng.choice(n, min(n, 40 * nlist), replace=False)], np.float32))
+    index.add(np.ascontiguousarray(unit, np.float32))
+    index.nprobe = nprobe
+    return index
+
+
 def similar_pairs(unit: np.ndarray, min_cosine: float, k: int = 10, exact_below: int = ANN_EXACT_BELOW,
                   block: int = 2048) -> list[tuple[int, int, float]]:
     """(i, j, cosine) with i < j for every pair of unit vectors at cosine >= ``min_cosine``. Exact
@@ -81,19 +101,7 @@ def similar_pairs(unit: np.ndarray, min_cosine: float, k: int = 10, exact_below:
             for a, b, c in zip((ri + start).tolist(), ci.tolist(), sims[ri, ci].tolist()):
                 found[(a, b)] = c
     else:
-        try:
-            import faiss
-        except ImportError:
-            from .errors import FoldernetError
-
-            raise FoldernetError(f"near duplicates among {n} files use an approximate index, which needs the ray "
-                                 "extra: pip install 'foldernet[ray]'") from None
-        nlist = int(4 * np.sqrt(n))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(unit.shape[1]), unit.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
-        index.train(unit[rng.choice(n, min(n, 40 * nlist), replace=False)])
-        index.add(unit)
-        index.nprobe = 16
+        index = ivf_index(unit)
         for start in range(0, n, 65536):
             sims, idx = index.search(unit[start:start + 65536], k + 1)
             a = np.arange(start, start + len(idx))[:, None].repeat(idx.shape[1], 1)

@@ -2,8 +2,8 @@
 their paths and labels, so a prediction can show the nearest training images: the painting
 recognizer's "did you mean one of these?" when it is unsure or the painting is not in its database.
 
-Exact search is one matrix product (fine to ~100k images); beyond that an approximate index would
-sit behind the same ``SimilarIndex.search``.
+Exact search is one matrix product; above ``exact_below`` training images (and with faiss-cpu, in
+the ray extra) an approximate inverted-file index answers the same ``SimilarIndex.search``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ class Neighbour:
 
 
 class SimilarIndex:
+    exact_below = 20_000  # dedup.ANN_EXACT_BELOW; an instance may lower it
+
     def __init__(self, model_dir: str | os.PathLike):
         from safetensors.numpy import load_file
 
@@ -80,13 +82,40 @@ class SimilarIndex:
     def exists(model_dir: str | os.PathLike) -> bool:
         return (Path(model_dir) / INDEX_FILE).is_file()
 
+    _ann = None
+
+    def _approximate(self):
+        """The FAISS index when the training set is large and faiss is installed, else None (exact)."""
+        if len(self.embeddings) <= self.exact_below:
+            return None
+        if self._ann is None:
+            try:
+                import faiss  # noqa: F401
+            except ImportError:
+                self._ann = False
+            else:
+                from .dedup import ivf_index
+
+                self._ann = ivf_index(self.embeddings)
+        return self._ann or None
+
     def knn_similarity(self, vectors: np.ndarray, k: int = 5) -> np.ndarray:
         """Mean cosine similarity to the ``k`` nearest training images: low means unlike anything seen."""
-        return knn_similarity(self.embeddings, vectors, k)
+        ann = self._approximate()
+        if ann is None:
+            return knn_similarity(self.embeddings, vectors, k)
+        sims, _ = ann.search(unit_rows(np.atleast_2d(vectors).astype(np.float32)), max(1, k))
+        return np.where(sims > -1e30, sims, np.nan).astype(np.float32).mean(1)
 
     def search(self, vectors: np.ndarray, k: int = 5) -> list[list[Neighbour]]:
-        sims = unit_rows(np.atleast_2d(vectors).astype(np.float32)) @ self.embeddings.T
-        k = min(k, sims.shape[1])
-        top = np.argsort(-sims, axis=1)[:, :k]
-        return [[Neighbour(self.paths[j], self.labels[j], float(s[j]), int(j)) for j in row]
-                for row, s in zip(top, sims)]
+        q = unit_rows(np.atleast_2d(vectors).astype(np.float32))
+        k = min(k, len(self.embeddings))
+        ann = self._approximate()
+        if ann is None:
+            sims = q @ self.embeddings.T
+            top = np.argsort(-sims, axis=1)[:, :k]
+            scores = np.take_along_axis(sims, top, axis=1)
+        else:
+            scores, top = ann.search(q, k)
+        return [[Neighbour(self.paths[j], self.labels[j], float(s), int(j)) for j, s in zip(row, srow) if j >= 0]
+                for row, srow in zip(top, scores)]
