@@ -101,7 +101,8 @@ def fuzz_options(seconds: float, run: Path, rng: np.random.Generator) -> dict:
                   "split": [missing], "audit": [missing], "collect": [missing, "--out", missing],
                   "frames": [missing, "--out", missing], "export": [missing], "serve": [missing],
                   "compare": [missing], "demo": ["--out", missing], "suggest": [str(run), missing],
-                  "autolabel": [str(run), missing, "--out", missing]}
+                  "autolabel": [str(run), missing, "--out", missing], "embed": [str(run), missing, "--out", missing],
+                  "duplicates": [missing, "--out", missing]}
     runner = CliRunner()
     tried = tracebacks = 0
     examples: list[str] = []
