@@ -163,6 +163,16 @@ def test_duplicates_from_embeddings_finds_copies_and_flips(onnx_model, collectio
     assert ("exact", "copy_of_first.png", files[0].name) in names or \
         ("exact", files[0].name, "copy_of_first.png") in names
     assert any(k == "near" and "reencoded_second.jpg" in (a, b) and files[1].name in (a, b) for k, a, b in names)
+    # with a splits.csv, the copy that sits in test while its original is in train is leakage
+    (tmp_path / "splits.csv").write_text("path,label,split,group\n" + "".join(
+        f"pile/{f.name},x,train,\n" for f in files) + "pile/copy_of_first.png,x,test,\n")
+    proc = subprocess.run([sys.executable, "-m", "foldernet", "duplicates", str(tmp_path / "emb"), "--out",
+                           str(tmp_path / "pairs2.csv"), "--splits", str(tmp_path / "splits.csv")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    leaks = [r for r in csv.DictReader(open(tmp_path / "pairs2.csv")) if r["leak"] == "True"]
+    assert [sorted(os.path.basename(r[k]) for k in ("path_a", "path_b")) for r in leaks] == \
+        [sorted(["copy_of_first.png", files[0].name])] and "1 joining train" in proc.stdout
     # the approximate index finds planted near duplicates as the exact search does
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3000, 64)).astype(np.float32)

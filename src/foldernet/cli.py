@@ -261,23 +261,28 @@ def duplicates(
     out: Path = typer.Option(..., "--out", "-o", help="CSV of pairs: kind (exact|near), path_a, path_b, cosine"),
     min_cosine: Optional[float] = _opt("duplicates", "min_cosine", "--min-cosine"),
     k: Optional[int] = _opt("duplicates", "k", "-k"),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="a splits.csv (path,split): mark pairs that "
+                                          "join train and val/test (leakage)"),
 ) -> None:
     """Exact and near duplicates among millions of files, from their embeddings (an approximate index)."""
     from .io import atomic_write_text
     from .params import check
-    from .scale import duplicates as _duplicates
+    from .scale import duplicates as _duplicates, read_splits
 
     o = check("duplicates", _given({"min_cosine": min_cosine, "k": k}))
     if out.exists() or out.is_symlink():
         raise FoldernetError(f"--out {out} already exists; choose another file (foldernet never replaces it)")
-    rows = _duplicates(embeddings, min_cosine=o["min_cosine"], k=o["k"])
+    split_map = read_splits(splits) if splits is not None else None
+    rows = _duplicates(embeddings, min_cosine=o["min_cosine"], k=o["k"], splits=split_map)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["kind", "path_a", "path_b", "cosine"], lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=["kind", "path_a", "path_b", "cosine"] + (["splits", "leak"] if split_map
+                                                                                 else []), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(out, buf.getvalue())
     n_exact = sum(r["kind"] == "exact" for r in rows)
-    stdout.print(f"{n_exact} exact and {len(rows) - n_exact} near duplicate pairs: {out}")
+    leaks = f", {sum(r.get('leak', False) for r in rows)} joining train and val/test" if split_map else ""
+    stdout.print(f"{n_exact} exact and {len(rows) - n_exact} near duplicate pairs{leaks}: {out}")
 
 
 def _predict_timeline(model, inputs: list[Path], top_k: int, csv_out: Path | None) -> None:

@@ -433,9 +433,35 @@ def read_results(out: str | os.PathLike):
     return pa.concat_tables([pq.read_table(p) for p in parts])
 
 
-def duplicates(embeddings: str | os.PathLike, min_cosine: float = 0.95, k: int = 10) -> list[dict]:
+def read_splits(path: str | os.PathLike) -> dict[str, str]:
+    """``path,split`` rows of a splits.csv (a dataset's, or a bundle's ``model/splits.csv``)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        return {r["path"].replace("\\", "/"): r["split"] for r in rows}
+    except (OSError, KeyError, ValueError, csv.Error) as exc:
+        raise FoldernetError(f"--splits {path} cannot be read as a splits.csv with path and split columns "
+                             f"({type(exc).__name__})") from None
+
+
+def _split_of(path: str, splits: dict[str, str]) -> str:
+    """The split of an absolute path whose tail is a relative path in ``splits`` ('' when none is)."""
+    parts = path.replace("\\", "/").split("/")
+    for i in range(len(parts)):
+        hit = splits.get("/".join(parts[i:]))
+        if hit:
+            return hit
+    return ""
+
+
+def duplicates(embeddings: str | os.PathLike, min_cosine: float = 0.95, k: int = 10,
+               splits: dict[str, str] | None = None) -> list[dict]:
     """Exact (same bytes) and near (embedding cosine >= ``min_cosine``) duplicate pairs among the files
-    of an ``embed`` job's Parquet folder; near pairs come from an approximate index when there are many."""
+    of an ``embed`` job's Parquet folder; near pairs come from an approximate index when there are many.
+    With ``splits`` (relative path -> split), each pair says which splits it joins: a pair across
+    train and val/test is leakage."""
     from .dedup import similar_pairs
 
     table = read_results(embeddings)
@@ -461,4 +487,9 @@ def duplicates(embeddings: str | os.PathLike, min_cosine: float = 0.95, k: int =
         if digests[ok[a]] and digests[ok[a]] == digests[ok[b]]:
             continue  # the same bytes: listed as exact
         out.append({"kind": "near", "path_a": paths[ok[a]], "path_b": paths[ok[b]], "cosine": round(float(c), 4)})
+    if splits:
+        for r in out:
+            sa, sb = _split_of(r["path_a"], splits), _split_of(r["path_b"], splits)
+            r["splits"] = f"{sa}~{sb}" if sa and sb else ""
+            r["leak"] = bool(sa and sb and sa != sb and "train" in (sa, sb))
     return out
