@@ -196,3 +196,13 @@ def test_similar_search_uses_the_approximate_index_on_large_sets(trained_run):
     # every training image finds itself first, through either path
     assert [n[0].index for n in a] == [n[0].index for n in b] == list(range(0, len(exact.embeddings), 7))
     np.testing.assert_allclose(exact.knn_similarity(queries, 3), approx.knn_similarity(queries, 3), atol=0.05)
+
+
+def test_batch_workers_never_load_torch(onnx_model, collection, tmp_path):
+    code = ("import sys; sys.modules['torch'] = None\n"  # any torch import now fails
+            "from foldernet.scale import run_batch\n"
+            "r = run_batch(sys.argv[1], sys.argv[2], sys.argv[3], task='embed', progress=False)\n"
+            "assert r['processed'] == r['files'], r\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(onnx_model), str(collection), str(tmp_path / "e")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
