@@ -136,3 +136,21 @@ def test_missing_mobile_extra_gives_the_install_line(trained_run, tmp_path):
         text = proc.stdout + proc.stderr
         assert "pip install 'foldernet[mobile]'" in text and "Traceback" not in text
         assert not (tmp_path / fmt).exists()  # checked before any work
+
+
+def test_quantize_int8_leaves_files_beside_the_model_alone(exported, tmp_path):
+    import shutil
+
+    from foldernet.export import quantize_int8
+
+    folder, _ = exported
+    shutil.copy(folder / "model.onnx", tmp_path / "model.onnx")
+    (tmp_path / "model.prep.onnx").write_text("the user's own file")
+    import onnx
+
+    size = onnx.load(str(folder / "model.onnx")).graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    calib = np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
+    quantize_int8(tmp_path / "model.onnx", tmp_path / "q.onnx", calib)
+    assert (tmp_path / "q.onnx").stat().st_size > 0
+    assert (tmp_path / "model.prep.onnx").read_text() == "the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.prep.onnx", "q.onnx"]

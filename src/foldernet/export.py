@@ -126,11 +126,18 @@ def _prepared(fp32: Path, work: Path) -> Path:
     """ONNX Runtime's pre-processing (shape inference, BN folding), falling back to the file as is."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prep = work / (fp32.stem + ".prep.onnx")
+    import tempfile
+
+    # a fresh folder of its own, so the file it writes (and quantize_int8 later deletes) is never one
+    # that already stood beside the model
+    prep = Path(tempfile.mkdtemp(prefix=".prep.", dir=work)) / (fp32.stem + ".prep.onnx")
     try:
         quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=True)
         return prep
     except Exception:  # noqa: BLE001 - pre-processing is an optimisation only
+        import shutil
+
+        shutil.rmtree(prep.parent, ignore_errors=True)
         return fp32
 
 
@@ -148,7 +155,9 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, keep_fp32: list[str]
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(keep_fp32))
     finally:
         if prepared is None and src != fp32:
-            src.unlink(missing_ok=True)
+            import shutil
+
+            shutil.rmtree(src.parent, ignore_errors=True)  # the temporary folder _prepared made
     return out
 
 
@@ -249,27 +258,23 @@ class _Job:
         return self._ref
 
     def parity(self, predictor, name: str) -> dict:
-        """Top-1 agreement and largest probability difference against PyTorch on the held-out split."""
+        """Top-1 agreement and largest probability difference against PyTorch on the held-out split,
+        and the agreement on the items the model answers (not "not sure" by its confidence threshold):
+        where a quantised file changes an answer the model was already unsure of, a user never sees it."""
+        from .calibration import not_sure_mask
+
         ref, ok_ref = self.reference()
         got, ok, _ = predictor.predict_proba(self.files)
         both = ok & ok_ref
         if not both.any():
             raise FoldernetError(f"the {name} model could not read any held-out file (e.g. {self.files[0]})")
         agree, diff = _agreement(ref[both], got[both])
-        return {"top1_agreement": agree, "max_prob_diff": diff, "n": int(both.sum())}
-
-    def answered_agreement(self, predictor) -> dict:
-        """Top-1 agreement on the held-out items the model answers (not "not sure" by its confidence
-        threshold): where int8 changes an answer the model was already unsure of, a user never sees it."""
-        from .calibration import not_sure_mask
-
-        ref, ok_ref = self.reference()
-        got, ok, _ = predictor.predict_proba(self.files)
-        sure = ok & ok_ref & ~not_sure_mask(ref, None, self.clf.threshold, None)
-        if not sure.any():
-            return {}
-        return {"answered_top1_agreement": float(np.mean(ref[sure].argmax(1) == got[sure].argmax(1))),
-                "answered": int(sure.sum())}
+        out = {"top1_agreement": agree, "max_prob_diff": diff, "n": int(both.sum())}
+        sure = both & ~not_sure_mask(ref, None, self.clf.threshold, None)
+        if sure.any():
+            out.update(answered_top1_agreement=float(np.mean(ref[sure].argmax(1) == got[sure].argmax(1))),
+                       answered=int(sure.sum()))
+        return out
 
     def base_report(self, fmt: str, export_s: float, checked: dict) -> dict:
         return {"format": fmt, "n": checked["n"], "inputs": self.what,
@@ -453,7 +458,7 @@ class _Job:
             shutil.rmtree(work, ignore_errors=True)
         clf8 = predictor_cls(path8)
         checked = self.parity(clf8, "int8")
-        answered = self.answered_agreement(clf8)
+        answered = {k: checked[k] for k in ("answered_top1_agreement", "answered") if k in checked}
         agree8, diff8 = checked["top1_agreement"], checked["max_prob_diff"]
         speed32 = _throughput(fp32_predictor, bench, repeats=1 if single else 3)
         speed8 = _throughput(clf8, bench, repeats=1 if single else 3)
