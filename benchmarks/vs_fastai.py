@@ -1,19 +1,33 @@
-"""foldernet vs fastai on ../shared/datasets/clothing (train -> validation), same weights, same split,
-same image size (224), same 2-core CPU.
+"""A fair race: foldernet against fastai run the way fastai's docs teach, on the same data, split,
+backbone, ImageNet weights and 2-core CPU, over several seeds, reporting mean and spread.
 
-fastai: ``vision_learner(dls, "tf_efficientnet_lite0", pretrained=False)`` with the same embedded
-ImageNet weights loaded into its body, ``fine_tune(N)`` (1 frozen epoch + N unfrozen), its default
-augmentation. foldernet: ``head`` (cached frozen features + linear head) and ``finetune``.
-Prints a table and JSON lines with wall time and validation accuracy / macro-F1 for each.
-Needs ``pip install fastai``; skips cleanly without it or without the dataset.
+fastai (docs: "Computer vision intro", ``vision_learner`` + ``fine_tune``): ``ImageDataLoaders.from_folder``
+with ``item_tfms=Resize(224)`` and ``batch_tfms=aug_transforms()``, ``vision_learner(dls,
+"tf_efficientnet_lite0")`` with foldernet's embedded ImageNet weights loaded into its body (this
+machine cannot reach the hub), ``lr_find()`` and then ``fine_tune(3, base_lr=<the valley>)``.
 
-    python benchmarks/vs_fastai.py [--fastai-epochs 1] [--finetune-epochs 2]
+foldernet: the default ``foldernet train`` (nothing set), and ``--budget`` equal to fastai's mean wall
+time on that dataset. Both start cold: foldernet's feature and ONNX caches are empty for every run.
+
+Datasets (``../shared/datasets``):
+- hymenoptera: its own train/val split, seeds 0..n-1 (fastai's seed sets its order, augmentation and init);
+- clothing: its own train/validation split, seeds 0..n-1;
+- clothing-30: the few-shot case, 30 training images per class drawn per seed from clothing's train,
+  scored on clothing's validation split.
+
+Wall time is from the first line of each tool's recipe to its predictions on the held-out split.
+Prints a table per run, a summary (mean +- std), JSON lines, and records both in RESULTS.md.
+
+    python benchmarks/vs_fastai.py [--datasets hymenoptera,clothing-30,clothing] [--seeds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -24,81 +38,139 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import dataset, print_table  # noqa: E402
 
+FASTAI_EPOCHS = 3
+IMAGE_TYPES = {".jpg", ".jpeg", ".png"}
 
-def run_fastai(data: Path, epochs: int, workers: int) -> dict:
+
+def materialise(name: str, seed: int, root: Path) -> Path | None:
+    """The dataset for one run as a folder of symlinks ``train/<class>`` and ``val/<class>``, read by
+    both tools: the same files in the same split."""
+    source = {"hymenoptera": ("hymenoptera", "val"), "clothing": ("clothing", "validation"),
+              "clothing-30": ("clothing", "validation")}[name]
+    data = dataset(source[0], name)
+    if data is None:
+        return None
+    out = root / f"{name}-{seed}"
+    rng = random.Random(seed)
+    for split, src in (("train", "train"), ("val", source[1])):
+        for cls in sorted(p.name for p in (data / src).iterdir() if p.is_dir()):
+            files = sorted(f for f in (data / src / cls).iterdir() if f.suffix.lower() in IMAGE_TYPES)
+            if name == "clothing-30" and split == "train":
+                files = sorted(rng.sample(files, min(30, len(files))))
+            (out / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                (out / split / cls / f.name).symlink_to(f)
+    return out
+
+
+def run_fastai(data: Path, seed: int, workers: int) -> dict:
     import torch
-    from fastai.vision.all import (CategoryBlock, DataBlock, GrandparentSplitter, ImageBlock, Normalize, Resize,
-                                   aug_transforms, get_image_files, parent_label, vision_learner)
+    from fastai.vision.all import ImageDataLoaders, Normalize, Resize, aug_transforms, set_seed, vision_learner
     from sklearn.metrics import f1_score
 
-    from foldernet.models import EMBEDDED_WEIGHTS, _adapt_state, _embedded_weight_file, load_state_file
+    from foldernet.models import _adapt_state, _embedded_weight_file, load_state_file
 
     torch.set_num_threads(os.cpu_count() or 1)
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, get_y=parent_label,
-                      splitter=GrandparentSplitter(train_name="train", valid_name="validation"),
-                      item_tfms=Resize(224), batch_tfms=[*aug_transforms(), Normalize.from_stats([0.5] * 3, [0.5] * 3)])
-    dls = block.dataloaders(data, bs=32, num_workers=workers)
+    t = time.perf_counter()
+    set_seed(seed, reproducible=True)
+    dls = ImageDataLoaders.from_folder(data, train="train", valid="val", item_tfms=Resize(224), bs=32,
+                                       batch_tfms=[*aug_transforms(), Normalize.from_stats([0.5] * 3, [0.5] * 3)],
+                                       num_workers=workers, seed=seed)
     learn = vision_learner(dls, "tf_efficientnet_lite0", pretrained=False)
     body = learn.model[0].model  # fastai's TimmBody wraps the timm model
     state = _adapt_state(body, load_state_file(_embedded_weight_file("tf_efficientnet_lite0")))
-    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing, _ = body.load_state_dict(state, strict=False)
     assert not [k for k in missing if not k.startswith("classifier")], missing
-    assert EMBEDDED_WEIGHTS
-    t = time.perf_counter()
-    learn.fine_tune(epochs)
-    train_s = time.perf_counter() - t
-    probs, targets = learn.get_preds()
-    pred = probs.argmax(1).numpy()
-    y = targets.numpy()
-    return {"tool": f"fastai fine_tune({epochs})", "wall_s": round(train_s, 1),
-            "val_accuracy": round(float(np.mean(pred == y)), 4),
-            "val_macro_f1": round(float(f1_score(y, pred, average="macro")), 4), "n_val": int(len(y))}
+    learn.freeze()  # vision_learner freezes the body when pretrained; the weights were loaded by hand
+    with learn.no_bar(), learn.no_logging():
+        lr = float(learn.lr_find(show_plot=False).valley)
+        learn.fine_tune(FASTAI_EPOCHS, base_lr=lr)
+        probs, targets = learn.get_preds()
+    wall = time.perf_counter() - t
+    pred, y = probs.argmax(1).numpy(), targets.numpy()
+    return {"tool": f"fastai fine_tune({FASTAI_EPOCHS})", "wall_s": round(wall, 1), "lr": round(lr, 6),
+            "accuracy": round(float(np.mean(pred == y)), 4),
+            "macro_f1": round(float(f1_score(y, pred, average="macro")), 4), "n_val": int(len(y))}
 
 
-def run_foldernet(data: Path, out: Path, mode: str, epochs: int | None) -> dict:
+def run_foldernet(data: Path, out: Path, seed: int, label: str, **options) -> dict:
     import foldernet
 
     t = time.perf_counter()
-    r = foldernet.train(data, out=out, mode=mode, epochs=epochs, progress=False, force=True)
+    r = foldernet.train(data, out=out, progress=False, force=True, seed=seed, report=False, **options)
     wall = time.perf_counter() - t
     m = r.metrics["splits"]["val"]
-    return {"tool": f"foldernet {mode}" + (f" ({epochs} epochs)" if mode == "finetune" else ""),
-            "wall_s": round(wall, 1), "val_accuracy": round(m["accuracy"], 4), "val_macro_f1": round(m["macro_f1"], 4),
-            "n_val": m["n"]}
+    return {"tool": label, "wall_s": round(wall, 1), "accuracy": round(m["accuracy"], 4),
+            "macro_f1": round(m["macro_f1"], 4), "n_val": m["n"], "backbone": r.config["backbone"],
+            "plan": json.dumps(r.metrics.get("plan", {}).get("chosen", ""))}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread per (dataset, tool), and each tool against fastai on the same dataset."""
+    out = []
+    for key in dict.fromkeys((r["dataset"], r["tool"]) for r in rows):
+        rs = [r for r in rows if (r["dataset"], r["tool"]) == key]
+        agg = {"dataset": key[0], "tool": key[1], "runs": len(rs)}
+        for m in ("accuracy", "macro_f1", "wall_s"):
+            vals = [r[m] for r in rs]
+            agg[m] = round(statistics.mean(vals), 4 if m != "wall_s" else 1)
+            agg[m + "_sd"] = round(statistics.stdev(vals), 4 if m != "wall_s" else 1) if len(vals) > 1 else 0.0
+        out.append(agg)
+    for agg in out:
+        fa = next((a for a in out if a["dataset"] == agg["dataset"] and a["tool"].startswith("fastai")), None)
+        if fa and agg is not fa:
+            agg["points_vs_fastai"] = round(100 * (agg["accuracy"] - fa["accuracy"]), 2)
+            agg["time_vs_fastai"] = round(agg["wall_s"] / fa["wall_s"], 3)
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fastai-epochs", type=int, default=1)
-    ap.add_argument("--finetune-epochs", type=int, default=2)
+    ap.add_argument("--datasets", default="hymenoptera,clothing-30,clothing")
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-fastai", action="store_true")
+    ap.add_argument("--budget", default=None, help="foldernet --budget for the budget row (default: fastai's mean "
+                                                   "wall time on the dataset)")
     args = ap.parse_args()
-    data = dataset("clothing")
-    if data is None:
-        return 0
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="foldernet-vs-fastai-") as tmp:
-        os.environ["FOLDERNET_CACHE"] = str(Path(tmp) / "cache")  # cold: extraction and export are timed
+    try:
+        import fastai  # noqa: F401
+    except ImportError:
         if not args.skip_fastai:
-            try:
-                import fastai  # noqa: F401
-            except ImportError:
-                print("fastai not installed (pip install fastai): its row is skipped", file=sys.stderr)
-            else:
-                rows.append(run_fastai(data, args.fastai_epochs, args.workers))
-        rows.insert(0, run_foldernet(data, Path(tmp) / "head", "head", None))
-        rows.insert(1, run_foldernet(data, Path(tmp) / "ft", "finetune", args.finetune_epochs))
-    fa = next((r for r in rows if r["tool"].startswith("fastai")), None)
-    if fa:
-        for r in rows:
-            r["time_vs_fastai"] = round(r["wall_s"] / fa["wall_s"], 3)
-            r["acc_vs_fastai_points"] = round(100 * (r["val_accuracy"] - fa["val_accuracy"]), 2)
-    head = rows[0]
-    for r in rows[1:2]:
-        r["gain_over_head_points"] = round(100 * (r["val_accuracy"] - head["val_accuracy"]), 2)
-    print_table(rows, ["tool", "wall_s", "val_accuracy", "val_macro_f1", "n_val", "time_vs_fastai",
-                       "acc_vs_fastai_points", "gain_over_head_points"], "vs_fastai")
+            print("fastai not installed (pip install fastai): its rows are skipped", file=sys.stderr)
+            args.skip_fastai = True
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="foldernet-race-") as tmp:
+        tmp = Path(tmp)
+        for name in args.datasets.split(","):
+            runs = []
+            for seed in range(args.seeds):
+                data = materialise(name, seed, tmp / "data")
+                if data is None:
+                    break
+                if not args.skip_fastai:
+                    runs.append({"dataset": name, "seed": seed, **run_fastai(data, seed, args.workers)})
+                    print(json.dumps(runs[-1]), flush=True)
+                os.environ["FOLDERNET_CACHE"] = str(tmp / f"cache-{name}-{seed}-default")  # cold
+                runs.append({"dataset": name, "seed": seed, **run_foldernet(data, tmp / "run", seed,
+                                                                            "foldernet train (default)")})
+                print(json.dumps(runs[-1]), flush=True)
+            fastai_s = [r["wall_s"] for r in runs if r["tool"].startswith("fastai")]
+            budget = args.budget or (f"{int(statistics.mean(fastai_s))}s" if fastai_s else None)
+            for seed in range(args.seeds if budget else 0):
+                data = tmp / "data" / f"{name}-{seed}"
+                os.environ["FOLDERNET_CACHE"] = str(tmp / f"cache-{name}-{seed}-budget")
+                runs.append({"dataset": name, "seed": seed, **run_foldernet(data, tmp / "run", seed,
+                                                                            f"foldernet --budget {budget}",
+                                                                            budget=budget)})
+                print(json.dumps(runs[-1]), flush=True)
+            rows += runs
+    if not rows:
+        return 0
+    print_table(rows, ["dataset", "seed", "tool", "wall_s", "accuracy", "macro_f1", "n_val", "backbone", "plan"],
+                "vs_fastai runs")
+    print_table(summarise(rows), ["dataset", "tool", "runs", "accuracy", "accuracy_sd", "macro_f1", "macro_f1_sd",
+                                  "wall_s", "wall_s_sd", "points_vs_fastai", "time_vs_fastai"], "vs_fastai")
     return 0
 
 

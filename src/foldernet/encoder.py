@@ -79,11 +79,12 @@ class Encoder:
         """The same encoder around other weights (after fine-tuning)."""
         return replace(self, backbone=replace(self.backbone, model=model.eval()))
 
-    def extractor(self, engine: str = "onnx", use_cache: bool = True):
+    def extractor(self, engine: str = "onnx", use_cache: bool = True, view: int = 0):
+        """Files -> feature vectors; ``view`` > 0 extracts that augmented view instead (the feature bank)."""
         from .features import FeatureExtractor
 
         return FeatureExtractor(self.model, self.preprocess, state_digest(self.model), self.name, engine=engine,
-                                use_cache=use_cache, audio=self.audio)
+                                use_cache=use_cache, audio=self.audio, view=view)
 
     def fit_standardisation(self, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Parts whose features are standardised on the training rows (musicnn, spectrogram

@@ -91,9 +91,11 @@ def _stage(weight_name: str) -> str:
     """The network stage a weight belongs to, from its module path: ``backbone.conv_stem``,
     ``backbone.blocks.0`` (EfficientNet), ``backbone.layer1`` (ResNet), ``head``..."""
     key = []
-    for part in weight_name.split(".")[:-1] or [weight_name]:
+    parts = weight_name.split(".")[:-1] or [weight_name]
+    for i, part in enumerate(parts):
         key.append(part)
-        if any(ch.isdigit() for ch in part):
+        # an ensemble's member index (``backbone.members.1.blocks.0``) is not a stage: go on
+        if any(ch.isdigit() for ch in part) and not (i and parts[i - 1] == "members"):
             break
     return ".".join(key)
 

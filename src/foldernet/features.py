@@ -206,13 +206,16 @@ class FeatureExtractor:
 
     def __init__(self, model, preprocess: Preprocess, digest: str, backbone_name: str,
                  engine: str = "onnx", use_cache: bool = True, batch_size: int = 32,
-                 workers: int | None = None, audio=None):
+                 workers: int | None = None, audio=None, view: int = 0):
+        from .preprocess import AUGMENT_VERSION
+
         self.preprocess = preprocess
+        self.view = view    # 0: the file as predict sees it; 1, 2, ...: augmented views (the feature bank)
         self.digest = digest
         self.audio = audio  # an audio.AudioConfig when the model classifies sounds
         self.model_key = hashlib.blake2b(
             json.dumps([backbone_name, digest, preprocess.to_dict(), audio.to_dict() if audio else None,
-                        PIPELINE_VERSION]
+                        PIPELINE_VERSION] + ([view, AUGMENT_VERSION] if view else [])
                        ).encode(), digest_size=12).hexdigest()
         self.engine = make_engine(model, preprocess.size, digest, prefer=engine)
         self.cache = FeatureCache() if use_cache else None
@@ -237,7 +240,7 @@ class FeatureExtractor:
         if h in known:
             return h, None, None, None
         try:
-            pix, fp = decode_windows(data, self.preprocess, self.audio, hint)
+            pix, fp = decode_windows(data, self.preprocess, self.audio, hint, view=self.view, content_hash=h)
             return h, pix, fp, None
         except Exception as exc:  # noqa: BLE001 - a bad file is reported, never fatal
             return h, None, None, decode_error(exc, self.audio)

@@ -271,11 +271,16 @@ def looks_like_image(data: bytes) -> bool:
         return False
 
 
-def decode_windows(data: bytes, pre: Preprocess, audio_cfg=None, hint: str = "") -> tuple[np.ndarray, dict]:
+def decode_windows(data: bytes, pre: Preprocess, audio_cfg=None, hint: str = "", view: int = 0,
+                   content_hash: str | None = None) -> tuple[np.ndarray, dict]:
     """Any input -> ((k, 3, S, S) pixels, fingerprint). An image model reads images (k = 1); a sound
-    model (one with audio settings) reads sounds, one spectrogram image per window, and refuses images."""
+    model (one with audio settings) reads sounds, one spectrogram image per window, and refuses images.
+    ``view`` > 0 gives an augmented view (``preprocess.augmented_view``; for sound, masked bands), drawn
+    from ``content_hash`` and the view number so that it is the same every time."""
     from .fingerprint import fingerprint
+    from .preprocess import augmented_view, masked_spectrogram, view_rng
 
+    rng = view_rng(content_hash or "0", view) if view else None
     if audio_cfg is not None:
         from .audio import clip_images
 
@@ -284,14 +289,20 @@ def decode_windows(data: bytes, pre: Preprocess, audio_cfg=None, hint: str = "")
         images, facts = clip_images(data, audio_cfg, size=pre.size)
         fp = fingerprint(images[0])
         fp.update(facts)
-        return np.stack([pre(im) for im in images]), fp
+        pixels = np.stack([pre(im) for im in images])
+        if rng is not None:
+            pixels = np.stack([masked_spectrogram(p, rng) for p in pixels])
+        return pixels, fp
     if MODALITIES["audio"].owns(hint) and not looks_like_image(data):
         raise FoldernetError("this is a sound file, and the model classifies images")
     from .data import open_image
 
     img = open_image(data, draft_size=pre.resize_size)
     resized = pre.resize(img)  # the fingerprint works from the resized image: no second pass over the full one
-    return pre(resized, resized=True)[None], fingerprint(resized, original_size=img.size)
+    fp = fingerprint(resized, original_size=img.size)
+    if rng is not None:
+        return pre.normalize(augmented_view(resized, pre, view, rng))[None], fp
+    return pre(resized, resized=True)[None], fp
 
 
 def source_pixels(source, pre: Preprocess, audio_cfg=None) -> np.ndarray:

@@ -119,7 +119,8 @@ def _p(*args, **kw) -> Param:
 
 # ----------------------------------------------------------------------------------------- the table
 
-BACKBONE_HELP = ("any timm model name; scratch (small CNN from random weights); for sound also musicnn_mtt or "
+BACKBONE_HELP = ("any timm model name; several joined by + (lite0+lite2: an ensemble of the embedded "
+                 "EfficientNet-Lite0/1/2, one head on their features); scratch (small CNN from random weights); for sound also musicnn_mtt or "
                  "musicnn_msd (audio-pretrained; pip install --no-deps musicnn). `foldernet backbones` lists them")
 
 TRAIN = [
@@ -150,6 +151,9 @@ TRAIN = [
     _p("tta", str, "off", "test-time augmentation for images: flip averages each input with its mirror image "
        "(twice the compute per prediction); auto keeps it when it lowers the validation loss",
        choices=("off", "flip", "auto"), section="model"),
+    _p("budget", str, None, "time for the whole run, e.g. 90s, 5m, 1h: foldernet measures this machine and picks the "
+       "backbones, feature-bank views and test-time flip that fit (shown before it starts); overrides "
+       "--backbone, --views and --tta", optional=True, section="model"),
     _p("spectrogram_stats", bool, False, "audio, head mode: append spectrogram statistics per time segment "
        "(band levels, MFCCs, envelope); for clips of one sound event each, such as instrument notes",
        section="model"),
@@ -163,6 +167,9 @@ TRAIN = [
     _p("min_precision", float, None, "'not sure' below the confidence at which the answers kept are right this "
        "often on val (e.g. 0.98): answer less, but be right more; the operating point is kept in the bundle",
        0, 1, low_open=True, high_open=True, optional=True, section="head"),
+    _p("views", int, 1, "head mode: train the head on this many views of each training item (1: the item "
+       "itself; 2: also its mirror image; more: also random crops, small rotations and colour changes; for "
+       "sound, masked time and frequency bands); each view's features are cached", 1, 64, section="head"),
     _p("refit", bool, False, "head mode: once early stopping has chosen the epochs on val, train the head again "
        "on train + val (val figures stay those of the head that never saw val)", section="head"),
     # fine-tuning (mode finetune, or backbone scratch)
@@ -309,8 +316,27 @@ def _cross_checks(command: str, v: dict[str, Any]) -> None:
         bad = [k for k in split_list(v["fix_kinds"]) if k not in FIXABLE]
         if bad:
             raise FoldernetError(f"audit --fix-kinds: unknown kind {', '.join(bad)}; choose from {', '.join(FIXABLE)}")
+    if v.get("budget") is not None:
+        parse_duration(v["budget"], f"{command} --budget")
+    if v.get("backbone") and "+" in v["backbone"]:
+        members = [m.strip() for m in v["backbone"].split("+")]
+        if len(members) < 2 or not all(members) or len(set(members)) != len(members):
+            raise FoldernetError(f"{command} --backbone {v['backbone']!r}: an ensemble joins two or more different "
+                                 "backbones with + (e.g. lite0+lite2)")
+        if v.get("weights") is not None:
+            raise FoldernetError(f"{command} --weights names one file, and --backbone {v['backbone']} has "
+                                 f"{len(members)} members; train an ensemble from embedded or hub weights")
     if command == "split" and v.get("folds") in (1, 2):
         raise FoldernetError(f"split --folds must be 0 (one splits.csv) or at least 3 (got {v['folds']})")
+
+
+def parse_duration(text: str, what: str = "--budget") -> float:
+    """'90s', '5m', '1.5h', or a bare number of seconds -> seconds (at least 1)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*", str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise FoldernetError(f"{what} must be a duration such as 90s, 5m or 1h (got {text!r})")
+    unit = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[m.group(2) or "s"]
+    return max(1.0, float(m.group(1)) * unit)
 
 
 def _compile(pattern: str, command: str, flag: str) -> re.Pattern:

@@ -40,6 +40,7 @@ class ModelSpec:
     img_size: int | None = None
     engine: str = "onnx"
     tta: str = "off"
+    budget: str | None = None
     spectrogram_stats: bool = False
 
     @property
@@ -57,6 +58,7 @@ class HeadSpec:
     head_lr: float = 1e-3
     balance: str = "auto"
     min_precision: float | None = None
+    views: int = 1
     refit: bool = False
     weight_decay: float = 1e-4
     batch_size: int = 64
@@ -152,7 +154,12 @@ class TrainSpec:
             ft = replace(ft, epochs=ft.epochs or (6 if pretrained else 20),
                          finetune_lr=ft.finetune_lr or (1e-4 if pretrained else 3e-3),
                          patience=ft.patience or (4 if pretrained else 8))
-        return replace(self, finetune=ft)
+        from .models import canonical_name
+
+        model = self.model
+        if model.backbone != "scratch":
+            model = replace(model, backbone=canonical_name(model.backbone))
+        return replace(self, finetune=ft, model=model)
 
     def with_options(self, **options: Any) -> "TrainSpec":
         """This spec with some options changed (validated like ``from_options``)."""

@@ -81,6 +81,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
     with staged_dir(out, kind="run", force=spec.run.force, partial=spec.model.mode == "finetune",
                     resume=spec.finetune.resume, inputs=[data], keep=spec.finetune.keep_checkpoint) as tmp:
         ds, label_map = prepare_data(data, spec)
+        spec, plan = plan_run(ds, spec, verbose=rank == 0)
         timings["scan"] = time.perf_counter() - t0
         t = time.perf_counter()
         encoder = build_encoder(ds, spec, verbose=rank == 0)
@@ -92,7 +93,10 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
         feats.vectors = encoder.fit_standardisation(feats.vectors, rows.sel["train"])
         weights, balance = balance_weights(rows, spec)
         t = time.perf_counter()
-        head = fit_head(feats.vectors, rows, spec, weights) if encoder.pretrained else None
+        views = extract_views(encoder, ds, rows, spec) if spec.model.mode == "head" else Views()
+        timings["views"] = time.perf_counter() - t
+        t = time.perf_counter()
+        head = fit_head(feats.vectors, rows, spec, weights, bank=views.bank) if encoder.pretrained else None
         timings["train_head"] = time.perf_counter() - t
         head_history = head.history if head is not None else []
         if spec.model.mode == "finetune":
@@ -102,20 +106,25 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
             t = time.perf_counter()
             feats.vectors = encoder.extractor(spec.model.engine, spec.run.use_cache)(
                 [it.path for it in ds.items], desc="features (fine-tuned)", progress=spec.run.progress).vectors
+            views = extract_views(encoder, ds, rows, spec)  # the mirror images for --tta, through the tuned network
             timings["features_finetuned"] = time.perf_counter() - t
         t = time.perf_counter()
-        encoder, tta = choose_tta(encoder, head, feats, ds, rows, spec)
+        encoder, tta = choose_tta(encoder, head, feats, ds, rows, spec, views)
         thresholds = calibrate(head, feats.vectors, rows, spec.head.min_precision)
-        heads, fit_rows, refit = refit_head(head, feats.vectors, rows, spec, weights, verbose=rank == 0)
+        heads, fit_rows, refit = refit_head(head, feats.vectors, rows, spec, weights, verbose=rank == 0,
+                                            bank=views.bank)
         metrics, pred_rows = score(heads, feats.vectors, rows, fit_rows, thresholds, label_map, ds)
         timings["evaluate"] = time.perf_counter() - t
         metrics.update({"history": head.history if spec.model.mode == "head" else heads["test"].history, "tta": tta,
+                        **({"views": views.info} if views.info else {}), **({"plan": plan} if plan else {}),
                         "skipped": skipped, **({"refit": refit} if refit else {}),
                         **({"head_history": head_history} if spec.model.mode == "finetune" else {})})
         facts = {"label_map": label_map, "leaks": leaks, "balance": balance, "refit": refit}
         config = bundle_config(spec, encoder, ds, rows, heads["test"], thresholds, facts, metrics)
         timings["total"] = time.perf_counter() - t0
         metrics["timings"] = timings
+        if plan:
+            plan["spent_s"] = round(timings["total"], 1)
         write_run(tmp, encoder, heads["test"], config, metrics, ds, (feats.vectors, fit_rows), pred_rows,
                   title=final_out.name, report=spec.run.report)
     if rank > 0:
@@ -137,6 +146,35 @@ def prepare_data(data: Path, spec: TrainSpec) -> tuple[Dataset, dict | None]:
                              f"({', '.join(ds.classes) or 'none'})")
     label_map = read_label_map(spec.split.label_map_file, ds.classes) if spec.split.label_map_file else None
     return ds, label_map
+
+
+def plan_run(ds: Dataset, spec: TrainSpec, verbose: bool = True) -> tuple[TrainSpec, dict | None]:
+    """``--budget``: measure this machine on the data and choose backbones, views and test-time flip
+    that fit (plan.py); the spec that carries them out, and what was measured and chosen."""
+    if not spec.model.budget:
+        return spec, None
+    from .plan import choose
+
+    if spec.model.mode != "head" or spec.model.weights is not None or spec.model.backbone == "scratch":
+        raise FoldernetError("train --budget plans head-mode runs on the embedded backbones; drop --budget to use "
+                             "--mode finetune, --weights or --backbone scratch")
+    n = len(ds.items)
+    if ds.predefined_split:
+        n_held = sum(1 for it in ds.items if it.split in ("val", "test"))
+    else:
+        n_held = int(round(n * (spec.split.val + spec.split.test)))
+    console.print(f"planning for a budget of {spec.model.budget}: timing this machine on {min(n, 48)} of your "
+                  "files...", markup=False)
+    chosen, facts = choose(spec.model.budget, [it.path for it in ds.items], n - n_held, n_held, ds.kind)
+    if verbose:
+        for row in facts["candidates"]:
+            mark = "->" if (row["backbone"], row["views"]) == (chosen.backbone, chosen.views) else "  "
+            console.print(f" {mark} {row['backbone']}, {row['views']} view(s), flip {row['tta']}: about "
+                          f"{row['estimate_s']:.0f} s", markup=False)
+        note = "" if facts["fits"] else " (the cheapest plan; even it may exceed the budget)"
+        console.print(f"plan: {chosen.describe()}; estimate {chosen.estimate_s:.0f} s of "
+                      f"{facts['budget_s']:.0f} s{note}", markup=False)
+    return spec.with_options(backbone=chosen.backbone, views=chosen.views, tta=chosen.tta), facts
 
 
 def build_encoder(ds: Dataset, spec: TrainSpec, verbose: bool = True) -> Encoder:
@@ -221,17 +259,79 @@ def balance_weights(rows: Rows, spec: TrainSpec) -> tuple[np.ndarray | None, dic
                      "class_weights": weights.tolist() if weights is not None else None}
 
 
+@dataclass
+class Views:
+    """Augmented views of items (``--views``, ``--tta``): ``bank`` is [(item indices, vectors)] of the
+    extra training views; ``mirror`` maps an item index to the features of its mirror image."""
+
+    bank: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    mirror: dict[int, np.ndarray] = field(default_factory=dict)
+    info: dict | None = None
+
+
+def extract_views(encoder: Encoder, ds: Dataset, rows: Rows, spec: TrainSpec) -> Views:
+    """Features of augmented views, once and cached: with ``--views K`` the head trains on K views of
+    each training item (the mirror image first, then random crops, rotations and colour changes;
+    masked bands for sound); with ``--tta`` the mirror images of held-out items. Both come from one
+    pass of the mirror view."""
+    k, tta = spec.head.views, spec.model.tta
+    kind = modality(ds.kind)
+    if k <= 1 and tta == "off":
+        return Views()
+    standardised = any(hasattr(part, "fit_standardisation") for part in encoder.model.modules())
+    if spec.model.mode != "head" or not encoder.pretrained or standardised:
+        if k > 1:
+            console.print("note: --views applies in head mode to pretrained backbones without standardised "
+                          "features; ignored here")
+        k = 1
+    train = np.flatnonzero(rows.sel["train"])
+    held = np.flatnonzero(rows.sel["val"] | rows.sel["test"])
+    wanted: dict[int, np.ndarray] = {}
+    if kind.supports_flip:
+        mirror_of = [train] if k >= 2 else []
+        if tta != "off":
+            mirror_of.append(held)
+        if mirror_of:
+            wanted[1] = np.concatenate(mirror_of)
+        wanted.update({v: train for v in range(2, k)})
+    else:
+        wanted.update({v: train for v in range(2, k + 1)})  # a mirrored sound is not the same sound
+    out = Views(info={"views": k, "seconds": {}} if k > 1 else None)
+    train_set = set(train.tolist())
+    for v, idx in wanted.items():
+        t = time.perf_counter()
+        f = encoder.extractor(spec.model.engine, spec.run.use_cache, view=v)(
+            [ds.items[i].path for i in idx], desc=f"features (view {v + 1})", progress=spec.run.progress)
+        idx, vecs = idx[f.ok], f.vectors[f.ok]
+        if v == 1:
+            out.mirror = dict(zip(idx.tolist(), vecs))
+        in_train = np.array([i in train_set for i in idx.tolist()], bool)
+        if k > 1 and in_train.any():
+            out.bank.append((idx[in_train], vecs[in_train]))
+        if out.info is not None:
+            out.info["seconds"][str(v + 1)] = round(time.perf_counter() - t, 2)
+    if k > 1:
+        console.print(f"feature bank: the head trains on {k} views of each of {len(train)} training items", markup=False)
+    return out
+
+
 def fit_head(vectors: np.ndarray, rows: Rows, spec: TrainSpec, weights: np.ndarray | None,
-             fit_rows: np.ndarray | None = None, epochs: int | None = None) -> LinearHead:
-    """The linear head on the training rows, early-stopped on val (or, for a refit, on ``fit_rows``
-    for a fixed number of ``epochs``)."""
+             fit_rows: np.ndarray | None = None, epochs: int | None = None,
+             bank: list[tuple[np.ndarray, np.ndarray]] = ()) -> LinearHead:
+    """The linear head on the training rows and their ``bank`` views, early-stopped on val (or, for a
+    refit, on ``fit_rows`` for a fixed number of ``epochs``)."""
     val = None
     if fit_rows is None:
         fit_rows = rows.sel["train"]
         if rows.sel["val"].any():
             val = (rows.x(vectors, "val"), rows.y[rows.sel["val"]])
-    return LinearHead.fit(vectors[fit_rows], rows.y[fit_rows], val, len(rows.labels), spec.head, class_weights=weights,
-                          seed=spec.split.seed, max_epochs=epochs, progress=spec.run.progress)
+    x, y = [vectors[fit_rows]], [rows.y[fit_rows]]
+    for idx, vecs in bank:
+        keep = fit_rows[idx]
+        x.append(vecs[keep])
+        y.append(rows.y[idx[keep]])
+    return LinearHead.fit(np.concatenate(x), np.concatenate(y), val, len(rows.labels), spec.head,
+                          class_weights=weights, seed=spec.split.seed, max_epochs=epochs, progress=spec.run.progress)
 
 
 def finetune_stage(encoder: Encoder, head: LinearHead | None, ds: Dataset, rows: Rows, spec: TrainSpec,
@@ -258,25 +358,24 @@ def finetune_stage(encoder: Encoder, head: LinearHead | None, ds: Dataset, rows:
     return encoder.with_model(net.backbone), tuned
 
 
-def choose_tta(encoder: Encoder, head: LinearHead, feats, ds: Dataset, rows: Rows, spec: TrainSpec):
-    """``--tta flip|auto``: features of the held-out items averaged with their mirror images. With
-    auto it is kept only when it lowers the head's validation loss. Training rows keep their plain
-    features (the head learned from them; the similar-example index holds them), so only val and
-    test are extracted again. Returns (the encoder to save, what was measured and chosen)."""
+def choose_tta(encoder: Encoder, head: LinearHead, feats, ds: Dataset, rows: Rows, spec: TrainSpec, views: Views):
+    """``--tta flip|auto``: features of the held-out items averaged with those of their mirror images
+    (``views.mirror``). With auto it is kept only when it lowers the head's validation loss. Training
+    rows keep their plain features (the head learned from them; the similar-example index holds them).
+    The saved encoder then averages every input with its mirror, in its ONNX graph too. Returns (the
+    encoder to save, what was measured and chosen)."""
     if spec.model.tta == "off":
         return encoder, None
     if not modality(ds.kind).supports_flip:
         console.print(f"note: --tta flip applies to images, not to {ds.kind}; ignored here")
         return encoder, None
     held = np.flatnonzero(rows.sel["val"] | rows.sel["test"])
-    flipped = encoder.with_tta()
-    f = flipped.extractor(spec.model.engine, spec.run.use_cache)([ds.items[i].path for i in held],
-                                                                  desc="features (flip)", progress=spec.run.progress)
-    if not f.ok.all():
+    if any(i not in views.mirror for i in held.tolist()):
         console.print("note: some held-out files could not be read a second time; --tta ignored")
         return encoder, None
     vectors = feats.vectors.copy()
-    vectors[held] = f.vectors
+    for i in held.tolist():
+        vectors[i] = 0.5 * (feats.vectors[i] + views.mirror[i])
     info = {"asked": spec.model.tta}
     x_val = rows.x(feats.vectors, "val")
     if x_val is not None:
@@ -292,7 +391,7 @@ def choose_tta(encoder: Encoder, head: LinearHead, feats, ds: Dataset, rows: Row
     if not use:
         return encoder, info
     feats.vectors = vectors
-    return flipped, info
+    return encoder.with_tta(), info
 
 
 @dataclass
@@ -339,7 +438,7 @@ def calibrate(head: LinearHead, vectors: np.ndarray, rows: Rows, min_precision: 
 
 
 def refit_head(head: LinearHead, vectors: np.ndarray, rows: Rows, spec: TrainSpec, weights: np.ndarray | None,
-               verbose: bool = True) -> tuple[dict[str, LinearHead], np.ndarray, dict | None]:
+               verbose: bool = True, bank: list = ()) -> tuple[dict[str, LinearHead], np.ndarray, dict | None]:
     """``--refit``: once early stopping has chosen the epochs on val, train the head again on train +
     val for that many. Val is still scored on the head that never saw it; test on the refitted one.
     Returns (head per split, the rows the final head learned from, what was done)."""
@@ -352,7 +451,7 @@ def refit_head(head: LinearHead, vectors: np.ndarray, rows: Rows, spec: TrainSpe
     fit_rows = rows.sel["train"] | rows.sel["val"]
     epochs = head.best_epoch()
     weights_all = class_weights(rows.y[fit_rows], len(rows.labels)) if weights is not None else None
-    refitted = fit_head(vectors, rows, spec, weights_all, fit_rows=fit_rows, epochs=epochs)
+    refitted = fit_head(vectors, rows, spec, weights_all, fit_rows=fit_rows, epochs=epochs, bank=bank)
     refitted.temperature = head.temperature
     heads["test"] = refitted
     # "similar" and the distance rule then search train + val, while the similarity threshold was chosen on

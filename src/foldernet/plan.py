@@ -1,0 +1,109 @@
+"""``--budget``: the best model the minutes allow, without knowing the modes.
+
+Before any training, foldernet times the default backbone on a sample of the user's own files (decode
++ forward, the cost that dominates a frozen-feature run), scales that to the other embedded backbones
+by their measured relative cost, adds one-off exports not yet in the cache, and picks the richest plan
+whose estimate fits the budget with a margin. Plans are ordered by what they bought in accuracy per
+second in ``benchmarks/vs_fastai.py`` and the probes noted there: an ensemble of lite0 and lite2 first,
+a mirror view in the feature bank and test-time flip next. The plan is shown before work starts and
+recorded in the run's metrics with the estimate and the time actually spent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from .features import cache_dir
+from .models import DEFAULT_BACKBONE, create_backbone, ensemble_members, state_digest
+from .params import parse_duration
+
+# Seconds per image relative to lite0 at its own size, decode included (2 cores, clothing photos:
+# 34 s per 3068 images for lite0 at 224, 66 s for lite2 at 260; lite1 at 240 from its FLOPs).
+RELATIVE_COST = {"tf_efficientnet_lite0": 1.0, "tf_efficientnet_lite1": 1.45, "tf_efficientnet_lite2": 1.95}
+# One-off ONNX export and check of a backbone not yet in the cache, in lite0-images' worth of time.
+EXPORT_IMAGES = {"tf_efficientnet_lite0": 1800, "tf_efficientnet_lite1": 3000, "tf_efficientnet_lite2": 5000}
+FIXED_SECONDS = 8.0   # scanning, head fits, calibration, writing the bundle and report
+MARGIN = 0.8          # plan to use at most this share of the budget
+
+
+@dataclass(frozen=True)
+class Plan:
+    backbone: str
+    views: int
+    tta: str
+    estimate_s: float = 0.0
+
+    def describe(self) -> str:
+        parts = [f"backbone {self.backbone}", f"{self.views} view{'s' if self.views > 1 else ''} per training image",
+                 f"test-time flip {self.tta}"]
+        return ", ".join(parts)
+
+
+# From cheapest to richest; the richest that fits is chosen. The mirror view serves twice: as the
+# second view of training items in the bank, and as test-time flip of held-out items (one pass).
+CANDIDATES = (
+    Plan(DEFAULT_BACKBONE, 1, "off"),
+    Plan(DEFAULT_BACKBONE, 2, "auto"),
+    Plan("tf_efficientnet_lite0+tf_efficientnet_lite1", 2, "auto"),
+    Plan("tf_efficientnet_lite0+tf_efficientnet_lite1+tf_efficientnet_lite2", 2, "auto"),
+)
+
+
+def _exported(name: str) -> bool:
+    """Is this backbone's feature graph (an ensemble's is one graph) already in the ONNX cache?"""
+    bb = create_backbone(name)
+    size = bb.data_config.get("input_size", (3, 224, 224))[1]
+    return (cache_dir() / "onnx" / f"{state_digest(bb.model)}-{size}.onnx").exists()
+
+
+def seconds_per_image(paths: list, sample: int = 48) -> tuple[float, float]:
+    """(seconds per file for lite0 features on this machine, decode included; seconds spent measuring).
+    Times ``sample`` of the user's files with the cache off, after one warm-up batch."""
+    from .encoder import Encoder
+
+    t0 = time.perf_counter()
+    enc = Encoder.build(DEFAULT_BACKBONE)
+    extractor = enc.extractor("onnx", use_cache=False)
+    step = max(1, len(paths) // sample)
+    chosen = list(paths[::step][:sample])
+    extractor(chosen[:8], progress=False)
+    t = time.perf_counter()
+    extractor(chosen, progress=False)
+    per = (time.perf_counter() - t) / max(1, len(chosen))
+    return per, time.perf_counter() - t0
+
+
+def estimate(plan: Plan, n_items: int, n_train: int, n_held: int, per_image: float, exported: dict[str, bool],
+             image: bool = True) -> float:
+    """Seconds a plan should take: features of every item, the mirror view (of training items for the
+    bank, of held-out items for test-time flip), further views of training items, one-off exports, and
+    the fixed part."""
+    total = FIXED_SECONDS
+    flip = (n_train if plan.views >= 2 else 0) + (n_held if plan.tta != "off" and image else 0)
+    for member in ensemble_members(plan.backbone):
+        cost = per_image * RELATIVE_COST.get(member, 2.0)
+        total += cost * (n_items + flip + max(0, plan.views - 2) * n_train)
+        if not exported.get(plan.backbone, False):
+            total += per_image * EXPORT_IMAGES.get(member, 5000)
+    return total
+
+
+def choose(budget: str, paths: list, n_train: int, n_held: int, kind: str = "image") -> tuple[Plan, dict]:
+    """The plan for ``budget`` on these files: (plan, facts for the run's record)."""
+    seconds = parse_duration(budget)
+    per_image, measured = seconds_per_image(paths)
+    exported = {p.backbone: _exported(p.backbone) for p in CANDIDATES}
+    rows = []
+    chosen = None
+    image = kind == "image"
+    for plan in CANDIDATES:
+        est = estimate(plan, len(paths), n_train, n_held, per_image, exported, image)
+        rows.append({**asdict(plan), "estimate_s": round(est, 1)})
+        if est + measured <= MARGIN * seconds or chosen is None:
+            chosen = Plan(plan.backbone, plan.views, plan.tta if image else "off", round(est, 1))
+    fits = chosen.estimate_s + measured <= MARGIN * seconds
+    facts = {"budget_s": seconds, "seconds_per_image_lite0": round(per_image, 5), "measure_s": round(measured, 1),
+             "exported": exported, "candidates": rows, "chosen": asdict(chosen), "fits": fits}
+    return chosen, facts
+
