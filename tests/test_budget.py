@@ -76,3 +76,26 @@ def test_bad_budget_views_and_ensembles_are_refused_in_one_line(digits_dir, tmp_
     with pytest.raises(FoldernetError, match=words) as exc:
         foldernet.train(digits_dir, out=tmp_path / "x", progress=False, **options)
     assert "\n" not in str(exc.value)
+
+
+def test_min_precision_threshold_is_chosen_with_a_margin_and_holds_on_unseen_halves():
+    """The operating point of --min-precision uses a lower bound on precision, so it is stricter than the
+    raw rate, and on halves of the data that did not choose it the precision asked is met on average."""
+    from foldernet.calibration import crossfit_operating_point, operating_point
+
+    rng = np.random.default_rng(0)
+    n, c = 2000, 5
+    conf = rng.beta(5, 1, n)                         # calibrated: right with probability = confidence
+    right = rng.random(n) < conf
+    y = rng.integers(0, c, n)
+    pred = np.where(right, y, (y + 1) % c)
+    probs = np.full((n, c), 0.0)
+    probs[np.arange(n), pred] = conf
+    probs[np.arange(n), (pred + 1) % c] = (1 - conf) * 0.999
+    raw = operating_point(probs, y, 0.95, bound=0.5)
+    strict = operating_point(probs, y, 0.95)
+    assert raw is not None and strict is not None and strict >= raw
+    kept = probs.max(1) >= strict
+    assert (probs.argmax(1) == y)[kept].mean() >= 0.95 and 0.1 < kept.mean() < 0.9
+    held = crossfit_operating_point(probs, y, 0.95)
+    assert held["crossfit_precision"] >= 0.95 and held["crossfit_coverage"] > 0.1

@@ -116,32 +116,49 @@ def risk_coverage(probs: np.ndarray, y: np.ndarray, points: int = 20) -> list[di
     return out
 
 
-def operating_point(probs: np.ndarray, y: np.ndarray, min_precision: float) -> float | None:
+# How sure the "not sure" threshold of --min-precision must be that the precision asked is reached: the
+# threshold is where a one-sided Clopper-Pearson lower bound on the kept answers' precision, at this
+# confidence, reaches it. The raw rate picks the last point where a lucky run of right answers crosses
+# the target, and falls short on unseen images (clothing, ensemble, 0.98 asked, 200 random halvings of
+# val: raw rate 82.3 % answered at 97.8 %; this bound 76.5 % at 98.6 %).
+PRECISION_BOUND_CONFIDENCE = 0.6
+
+
+def operating_point(probs: np.ndarray, y: np.ndarray, min_precision: float,
+                    bound: float = PRECISION_BOUND_CONFIDENCE) -> float | None:
     """The lowest confidence threshold at which the answers kept (confidence >= it) are right at least
-    ``min_precision`` of the time: the most coverage the target allows. None when no threshold reaches it."""
+    ``min_precision`` of the time, with confidence ``bound`` (a Clopper-Pearson lower bound; 0.5 or
+    less: the raw rate): the most coverage the target allows. None when no threshold reaches it."""
+    from scipy.stats import beta
+
     conf = probs.max(1)
     order = np.argsort(-conf, kind="stable")
-    correct = (probs.argmax(1) == y)[order].astype(float)
-    precision = np.cumsum(correct) / np.arange(1, len(y) + 1)
-    ok = np.flatnonzero(precision >= min_precision)
+    right = np.cumsum((probs.argmax(1) == y)[order])
+    n = np.arange(1, len(y) + 1)
+    precision = beta.ppf(1 - bound, right, n - right + 1) if bound > 0.5 else right / n
+    ok = np.flatnonzero(np.nan_to_num(precision) >= min_precision)
     if not len(ok):
         return None
     k = int(ok.max())
     return float(conf[order][k])
 
 
-def crossfit_operating_point(probs: np.ndarray, y: np.ndarray, min_precision: float, seed: int = 0) -> dict:
-    """How the operating point holds on images that did not choose it: two halves of the validation
-    split, each threshold chosen on one half and measured on the other (coverage and precision, averaged)."""
+def crossfit_operating_point(probs: np.ndarray, y: np.ndarray, min_precision: float, seed: int = 0,
+                             repeats: int = 20) -> dict:
+    """How the operating point holds on images that did not choose it: the validation split cut in two
+    halves ``repeats`` times at random, each threshold chosen on one half and measured on the other
+    (coverage and precision, averaged over all of them)."""
     rng = np.random.default_rng(seed)
-    half = rng.permutation(len(y)) < len(y) // 2
     covered, right = [], []
-    for fit, test in ((half, ~half), (~half, half)):
-        t = operating_point(probs[fit], y[fit], min_precision) if fit.any() else None
-        if t is None or not test.any():
-            continue
-        kept = probs[test].max(1) >= t
-        covered.append(float(kept.mean()))
-        right.append(float((probs[test].argmax(1) == y[test])[kept].mean()) if kept.any() else float("nan"))
+    for _ in range(repeats):
+        half = rng.permutation(len(y)) < len(y) // 2
+        for fit, test in ((half, ~half), (~half, half)):
+            t = operating_point(probs[fit], y[fit], min_precision) if fit.any() else None
+            if not test.any():
+                continue
+            kept = probs[test].max(1) >= t if t is not None else np.zeros(int(test.sum()), bool)
+            covered.append(float(kept.mean()))
+            if kept.any():
+                right.append(float((probs[test].argmax(1) == y[test])[kept].mean()))
     return {"crossfit_coverage": round(float(np.mean(covered)), 4) if covered else None,
-            "crossfit_precision": round(float(np.nanmean(right)), 4) if right and not np.all(np.isnan(right)) else None}
+            "crossfit_precision": round(float(np.mean(right)), 4) if right else None}
