@@ -130,6 +130,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-fastai", action="store_true")
+    ap.add_argument("--reuse", default=None, help="a log of an earlier run: its JSON rows (same dataset, seed and "
+                                                  "tool) are taken instead of running again")
     ap.add_argument("--budget", default=None, help="foldernet --budget for the budget row (default: fastai's mean "
                                                    "wall time on the dataset)")
     args = ap.parse_args()
@@ -140,6 +142,18 @@ def main() -> int:
             print("fastai not installed (pip install fastai): its rows are skipped", file=sys.stderr)
             args.skip_fastai = True
     rows: list[dict] = []
+    earlier = {}
+    if args.reuse:
+        for line in Path(args.reuse).read_text(encoding="utf-8").splitlines():
+            if line.startswith('{"dataset"'):
+                row = json.loads(line)
+                earlier[(row["dataset"], row["seed"], row["tool"])] = row
+
+    def run(key, fn):
+        row = earlier.get(key) or {"dataset": key[0], "seed": key[1], **fn()}
+        print(json.dumps(row), flush=True)
+        return row
+
     with tempfile.TemporaryDirectory(prefix="foldernet-race-") as tmp:
         tmp = Path(tmp)
         for name in args.datasets.split(","):
@@ -149,21 +163,19 @@ def main() -> int:
                 if data is None:
                     break
                 if not args.skip_fastai:
-                    runs.append({"dataset": name, "seed": seed, **run_fastai(data, seed, args.workers)})
-                    print(json.dumps(runs[-1]), flush=True)
+                    runs.append(run((name, seed, f"fastai fine_tune({FASTAI_EPOCHS})"),
+                                    lambda: run_fastai(data, seed, args.workers)))
                 os.environ["FOLDERNET_CACHE"] = str(tmp / f"cache-{name}-{seed}-default")  # cold
-                runs.append({"dataset": name, "seed": seed, **run_foldernet(data, tmp / "run", seed,
-                                                                            "foldernet train (default)")})
-                print(json.dumps(runs[-1]), flush=True)
+                runs.append(run((name, seed, "foldernet train (default)"),
+                                lambda: run_foldernet(data, tmp / "run", seed, "foldernet train (default)")))
             fastai_s = [r["wall_s"] for r in runs if r["tool"].startswith("fastai")]
             budget = args.budget or (f"{int(statistics.mean(fastai_s))}s" if fastai_s else None)
             for seed in range(args.seeds if budget else 0):
                 data = tmp / "data" / f"{name}-{seed}"
                 os.environ["FOLDERNET_CACHE"] = str(tmp / f"cache-{name}-{seed}-budget")
-                runs.append({"dataset": name, "seed": seed, **run_foldernet(data, tmp / "run", seed,
-                                                                            f"foldernet --budget {budget}",
-                                                                            budget=budget)})
-                print(json.dumps(runs[-1]), flush=True)
+                runs.append(run((name, seed, f"foldernet --budget {budget}"),
+                                lambda: run_foldernet(data, tmp / "run", seed, f"foldernet --budget {budget}",
+                                                      budget=budget)))
             rows += runs
     if not rows:
         return 0

@@ -93,6 +93,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
         feats.vectors = encoder.fit_standardisation(feats.vectors, rows.sel["train"])
         weights, balance = balance_weights(rows, spec)
         t = time.perf_counter()
+        if plan and spec.model.mode == "head":
+            spec = keep_within_budget(spec, plan, time.perf_counter() - t0, feats, rows)
         views = extract_views(encoder, ds, rows, spec) if spec.model.mode == "head" else Views()
         timings["views"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -175,6 +177,24 @@ def plan_run(ds: Dataset, spec: TrainSpec, verbose: bool = True) -> tuple[TrainS
         console.print(f"plan: {chosen.describe()}; estimate {chosen.estimate_s:.0f} s of "
                       f"{facts['budget_s']:.0f} s{note}", markup=False)
     return spec.with_options(backbone=chosen.backbone, views=chosen.views, tta=chosen.tta), facts
+
+
+def keep_within_budget(spec: TrainSpec, plan: dict, elapsed: float, feats, rows: Rows) -> TrainSpec:
+    """Before the extra views: if their cost, measured from this run's own feature pass, would take the
+    run past its budget, drop them (and say so)."""
+    n_items = max(1, int(feats.ok.sum()))
+    n_views = (int(rows.sel["train"].sum()) * (spec.head.views - 1)
+               + (int((rows.sel["val"] | rows.sel["test"]).sum()) if spec.model.tta != "off" else 0))
+    if not n_views or feats.n_computed == 0:
+        return spec
+    cost = feats.seconds / max(1, feats.n_computed) * n_views
+    if elapsed + cost + 5 <= plan["budget_s"]:
+        return spec
+    console.print(f"budget: the extra views would take about {cost:.0f} s more (features ran at "
+                  f"{feats.n_computed / max(feats.seconds, 1e-9):.0f} files/s after {elapsed:.0f} s); "
+                  "training on plain features only", markup=False)
+    plan["dropped_views"] = True
+    return spec.with_options(views=1, tta="off")
 
 
 def build_encoder(ds: Dataset, spec: TrainSpec, verbose: bool = True) -> Encoder:
