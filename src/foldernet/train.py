@@ -182,7 +182,6 @@ def plan_run(ds: Dataset, spec: TrainSpec, verbose: bool = True) -> tuple[TrainS
 def keep_within_budget(spec: TrainSpec, plan: dict, elapsed: float, feats, rows: Rows) -> TrainSpec:
     """Before the extra views: if their cost, measured from this run's own feature pass, would take the
     run past its budget, drop them (and say so)."""
-    n_items = max(1, int(feats.ok.sum()))
     n_views = (int(rows.sel["train"].sum()) * (spec.head.views - 1)
                + (int((rows.sel["val"] | rows.sel["test"]).sum()) if spec.model.tta != "off" else 0))
     if not n_views or feats.n_computed == 0:
