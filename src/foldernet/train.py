@@ -119,6 +119,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
         timings["evaluate"] = time.perf_counter() - t
         metrics.update({"history": head.history if spec.model.mode == "head" else heads["test"].history, "tta": tta,
                         **({"views": views.info} if views.info else {}), **({"plan": plan} if plan else {}),
+                        "features": {"computed": feats.n_computed, "cached": feats.n_cached},
                         "skipped": skipped, **({"refit": refit} if refit else {}),
                         **({"head_history": head_history} if spec.model.mode == "finetune" else {})})
         facts = {"label_map": label_map, "leaks": leaks, "balance": balance, "refit": refit}
