@@ -172,6 +172,17 @@ def canonical_name(name: str) -> str:
     return ENSEMBLE_SEP.join(ensemble_members(name))
 
 
+def check_ensemble(name: str, weights=None, where: str = "--backbone") -> None:
+    """An ensemble name joins two or more different backbones, and has no single --weights file."""
+    members = [m.strip() for m in name.split(ENSEMBLE_SEP)]
+    if len(members) < 2 or not all(members) or len(set(ensemble_members(name))) != len(members):
+        raise FoldernetError(f"{where} {name!r}: an ensemble joins two or more different backbones with + "
+                             "(e.g. lite0+lite2)")
+    if weights is not None:
+        raise FoldernetError(f"{where.split(' ')[0]} --weights names one file, and {name} has {len(members)} "
+                             "members; train an ensemble from embedded or hub weights")
+
+
 def create_ensemble(name: str, weights=None, pretrained: bool = True) -> Backbone:
     """Several backbones side by side on the same input (the largest member's size): each member's
     pooled features scaled to unit length (times sqrt of their dimension, so every member weighs the
@@ -184,11 +195,7 @@ def create_ensemble(name: str, weights=None, pretrained: bool = True) -> Backbon
     from torch import nn
 
     names = ensemble_members(name)
-    if weights is not None:
-        raise FoldernetError(f"--weights names one file, and backbone '{name}' has {len(names)} members; "
-                             "train an ensemble from embedded or hub weights")
-    if len(set(names)) != len(names) or len(names) < 2:
-        raise FoldernetError(f"backbone '{name}': an ensemble needs two or more different members joined by '+'")
+    check_ensemble(name, weights)
     if any(n == "scratch" or n in MUSICNN_MODELS for n in names):
         raise FoldernetError(f"backbone '{name}': ensemble members must be ImageNet timm backbones")
     members = [create_backbone(n, pretrained=pretrained) for n in names]

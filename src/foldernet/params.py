@@ -319,13 +319,9 @@ def _cross_checks(command: str, v: dict[str, Any]) -> None:
     if v.get("budget") is not None:
         parse_duration(v["budget"], f"{command} --budget")
     if v.get("backbone") and "+" in v["backbone"]:
-        members = [m.strip() for m in v["backbone"].split("+")]
-        if len(members) < 2 or not all(members) or len(set(members)) != len(members):
-            raise FoldernetError(f"{command} --backbone {v['backbone']!r}: an ensemble joins two or more different "
-                                 "backbones with + (e.g. lite0+lite2)")
-        if v.get("weights") is not None:
-            raise FoldernetError(f"{command} --weights names one file, and --backbone {v['backbone']} has "
-                                 f"{len(members)} members; train an ensemble from embedded or hub weights")
+        from .models import check_ensemble
+
+        check_ensemble(v["backbone"], v.get("weights"), where=f"{command} --backbone")
     if command == "split" and v.get("folds") in (1, 2):
         raise FoldernetError(f"split --folds must be 0 (one splits.csv) or at least 3 (got {v['folds']})")
 

@@ -4,8 +4,8 @@ Before any training, foldernet times the default backbone on a sample of the use
 + forward, the cost that dominates a frozen-feature run), scales that to the other embedded backbones
 by their measured relative cost, adds one-off exports not yet in the cache, and picks the richest plan
 whose estimate fits the budget with a margin. Plans are ordered by what they bought in accuracy per
-second in ``benchmarks/vs_fastai.py`` and the probes noted there: an ensemble of lite0 and lite2 first,
-a mirror view in the feature bank and test-time flip next. The plan is shown before work starts and
+second in the probes noted in README and ``benchmarks/vs_fastai.py``: a mirror view in the feature
+bank with test-time flip first, then ensembles of lite0 with lite1, and with lite1 and lite2. The plan is shown before work starts and
 recorded in the run's metrics with the estimate and the time actually spent.
 """
 
