@@ -172,14 +172,16 @@ def canonical_name(name: str) -> str:
     return ENSEMBLE_SEP.join(ensemble_members(name))
 
 
-def check_ensemble(name: str, weights=None, where: str = "--backbone") -> None:
-    """An ensemble name joins two or more different backbones, and has no single --weights file."""
+def check_ensemble(name: str, weights=None, command: str = "") -> None:
+    """An ensemble name joins two or more different backbones, and has no single --weights file;
+    ``command`` (e.g. ``train``) starts the message when the CLI's boundary checks it."""
+    prefix = f"{command} " if command else ""
     members = [m.strip() for m in name.split(ENSEMBLE_SEP)]
     if len(members) < 2 or not all(members) or len(set(ensemble_members(name))) != len(members):
-        raise FoldernetError(f"{where} {name!r}: an ensemble joins two or more different backbones with + "
-                             "(e.g. lite0+lite2)")
+        raise FoldernetError(f"{prefix}--backbone {name!r}: an ensemble joins two or more different backbones "
+                             "with + (e.g. lite0+lite2)")
     if weights is not None:
-        raise FoldernetError(f"{where.split(' ')[0]} --weights names one file, and {name} has {len(members)} "
+        raise FoldernetError(f"{prefix}--weights names one file, and --backbone {name} has {len(members)} "
                              "members; train an ensemble from embedded or hub weights")
 
 

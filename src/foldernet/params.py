@@ -321,7 +321,7 @@ def _cross_checks(command: str, v: dict[str, Any]) -> None:
     if v.get("backbone") and "+" in v["backbone"]:
         from .models import check_ensemble
 
-        check_ensemble(v["backbone"], v.get("weights"), where=f"{command} --backbone")
+        check_ensemble(v["backbone"], v.get("weights"), command)
     if command == "split" and v.get("folds") in (1, 2):
         raise FoldernetError(f"split --folds must be 0 (one splits.csv) or at least 3 (got {v['folds']})")
 

@@ -5,8 +5,9 @@ Before any training, foldernet times the default backbone on a sample of the use
 by their measured relative cost, adds one-off exports not yet in the cache, and picks the richest plan
 whose estimate fits the budget with a margin. Plans are ordered by what they bought in accuracy per
 second in the probes noted in README and ``benchmarks/vs_fastai.py``: a mirror view in the feature
-bank with test-time flip first, then ensembles of lite0 with lite1, and with lite1 and lite2. The plan is shown before work starts and
-recorded in the run's metrics with the estimate and the time actually spent.
+bank with test-time flip first, then the ensembles lite0+lite1 and lite0+lite1+lite2, each with both.
+The plan is shown before work starts and recorded in the run's metrics with the estimate and the
+time actually spent.
 """
 
 from __future__ import annotations
