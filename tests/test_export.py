@@ -78,7 +78,8 @@ def tflite_export(trained_run, tmp_path_factory):
     from foldernet.export import export
 
     out = tmp_path_factory.mktemp("mobile") / "export"
-    return out, export(trained_run.run_dir, out=out, format="tflite", int8=True)
+    # the post-training plans only: distillation is format-independent and tested on ONNX (small_run)
+    return out, export(trained_run.run_dir, out=out, format="tflite", int8=True, int8_distill="never")
 
 
 def test_tflite_export_agrees_with_pytorch_and_carries_labels(tflite_export, trained_run, digits_dir):
@@ -154,3 +155,75 @@ def test_quantize_int8_leaves_files_beside_the_model_alone(exported, tmp_path):
     assert (tmp_path / "q.onnx").stat().st_size > 0
     assert (tmp_path / "model.prep.onnx").read_text() == "the user's own file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.prep.onnx", "q.onnx"]
+
+
+@pytest.fixture(scope="session")
+def small_run(digits_dir, tmp_path_factory):
+    """The digits at 64 px: a real lite0 bundle whose int8 tuning takes seconds, not minutes."""
+    out = tmp_path_factory.mktemp("runs") / "digits64"
+    return foldernet.train(digits_dir, out=out, img_size=64, progress=False)
+
+
+def test_distillation_tunes_a_copy_toward_int8_without_changing_its_answers(small_run):
+    """The distilled copy's simulated int8 output moves toward the original's logits (the objective
+    falls), its fp32 answers on held-out images stay the original's, and the original is untouched."""
+    import torch
+
+    from foldernet.bundle import load
+    from foldernet.export import _full_model, split_files
+    from foldernet.int8 import distill
+    from foldernet.modality import source_pixels
+
+    clf = load(small_run.run_dir, engine="torch", use_cache=False)
+    _, splits = split_files(small_run.run_dir / "model")
+    rows = {s: np.concatenate([source_pixels(p, clf.preprocess, None) for p in splits[s]]) for s in ("train", "test")}
+    module = _full_model(clf)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    student, info = distill(module, rows["train"], rows["train"][:64], progress=False)
+    assert info["kl_after"] < info["kl_before"], info
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert not any("parametrizations" in k for k in student.state_dict())  # plain weights again
+    with torch.no_grad():
+        x = torch.from_numpy(rows["test"])
+        same = np.mean(student(x)[0].numpy().argmax(1) == module(x)[0].numpy().argmax(1))
+    assert same >= 0.95, same
+
+
+def test_export_int8_distill_always_tries_only_distilled_plans(small_run, tmp_path):
+    from foldernet.export import export
+
+    report = export(small_run.run_dir, out=tmp_path / "export", int8=True, int8_distill="always")
+    q = report["int8"]
+    assert q["plans_tried"] and all(p["plan"].endswith(", distilled") for p in q["plans_tried"])
+    assert q["plan"].endswith(", distilled") and q["distillation"]["seconds"] > 0
+    assert (tmp_path / "export" / "model.int8.onnx").exists() == q["kept"]
+    if q["kept"]:
+        assert q["top1_agreement"] >= 0.99
+    else:
+        assert f"{q['top1_agreement']:.4f}" in q["reason"] or "slower" in q["reason"]
+
+
+def test_bad_int8_distill_is_one_line_before_any_work(trained_run, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "foldernet", "export", str(trained_run.run_dir), "--int8",
+                           "--int8-distill", "sometimes", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--int8-distill" in proc.stderr and "always" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_serve_uses_int8_only_when_the_last_export_kept_it(exported, tmp_path):
+    import shutil
+
+    from foldernet.serve import _exported_onnx
+
+    folder, _ = exported
+    shutil.copy(folder / "model.onnx", tmp_path / "model.onnx")
+    shutil.copy(folder / "model.onnx", tmp_path / "model.int8.onnx")  # a file the report does not vouch for
+    (tmp_path / "parity.json").write_text(json.dumps({"fp32": {}, "int8": {"kept": False, "path": None}}))
+    assert _exported_onnx(tmp_path) == (tmp_path / "model.onnx", "fp32")
+    (tmp_path / "parity.json").write_text("{damaged")
+    assert _exported_onnx(tmp_path) == (tmp_path / "model.onnx", "fp32")
+    (tmp_path / "parity.json").write_text(json.dumps({"int8": {"kept": True, "path": "model.int8.onnx"}}))
+    assert _exported_onnx(tmp_path) == (tmp_path / "model.int8.onnx", "int8")

@@ -543,6 +543,7 @@ def export(
     fmt: Optional[str] = _opt("export", "format", "--format"),
     int8: bool = _opt("export", "int8", "--int8", default=False),
     prefer_size: bool = _opt("export", "prefer_size", "--prefer-size", default=False),
+    int8_distill: Optional[str] = _opt("export", "int8_distill", "--int8-distill"),
     data: Optional[Path] = typer.Option(None, help="the training data folder, if it moved since training"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="export folder (default RUN/export)"),
     force: bool = _opt("export", "force", "--force", default=False),
@@ -554,7 +555,7 @@ def export(
     from .export import export as _export, table_rows
 
     report = _export(run, out=out, data=data, **_given({"format": fmt, "int8": int8, "prefer_size": prefer_size,
-                                                        "force": force}))
+                                                        "int8_distill": int8_distill, "force": force}))
     fp = report["fp32"]
     if fp.get("top1_agreement") is not None:
         stdout.print(f"fp32: {fp['path']} ({fp['size_mb']} MB), top-1 agreement {fp['top1_agreement']:.4f} on "

@@ -4,8 +4,9 @@ Formats: ONNX (servers, ONNX Runtime), TFLite (LiteRT: Android, embedded) and Co
 last two with the ``mobile`` extra. The parity check runs on the bundle's held-out split: the fp32
 file must give the same top-1 as the PyTorch model on every image, or the export fails loudly. An
 int8 file (static quantisation, calibrated on training images; the fastest of a few plans that
-keep the first stages in fp32, chosen by agreement on a selection split) is written only when it
-agrees on >= 99 % and is faster here, or when the user asks for the smaller file. The numbers land
+keep the first stages in fp32, chosen by agreement on a selection split, on weights distilled for
+int8 when no plan agrees as they are: see ``int8.py``) is written only when it agrees on >= 99 %
+and is faster here, or when the user asks for the smaller file. The numbers land
 in ``parity*.json`` either way, and ``report.md`` tabulates size, agreement and speed.
 """
 
@@ -23,10 +24,9 @@ from . import __version__
 from .bundle import find_model_dir, load
 from .errors import FoldernetError
 from .io import MARKER, atomic_write_bytes, atomic_write_json, marker_kind, write_marker
+from .int8 import (INT8_MIN_AGREEMENT, INT8_PLANS, INT8_SELECT_AGREEMENT, distill, plan_name, prepared,
+                   quantize_int8, stage_groups)
 from .progress import console
-
-INT8_MIN_AGREEMENT = 0.99
-
 
 def _full_model(clf):
     """backbone -> linear head -> softmax(logits / T), plus the features for similarity search."""
@@ -75,92 +75,6 @@ def _throughput(predictor, pixels: np.ndarray, repeats: int = 3, rounds: int = 3
             predictor.run(pixels)
         best = max(best, len(pixels) * repeats / (time.perf_counter() - t))
     return best
-
-
-class _Calibration:
-    """onnxruntime CalibrationDataReader over preprocessed training images."""
-
-    def __init__(self, batches: list[np.ndarray], name: str):
-        self.it = iter([{name: b} for b in batches])
-
-    def get_next(self):
-        return next(self.it, None)
-
-
-def _stage(weight_name: str) -> str:
-    """The network stage a weight belongs to, from its module path: ``backbone.conv_stem``,
-    ``backbone.blocks.0`` (EfficientNet), ``backbone.layer1`` (ResNet), ``head``..."""
-    key = []
-    parts = weight_name.split(".")[:-1] or [weight_name]
-    for i, part in enumerate(parts):
-        key.append(part)
-        # an ensemble's member index (``backbone.members.1.blocks.0``) is not a stage: go on
-        if any(ch.isdigit() for ch in part) and not (i and parts[i - 1] == "members"):
-            break
-    return ".".join(key)
-
-
-def stage_groups(model_path: Path) -> list[list[str]]:
-    """Names of the Conv/Gemm nodes of an ONNX graph, grouped by stage, in graph order."""
-    import onnx
-
-    groups: dict[str, list[str]] = {}
-    for node in onnx.load(str(model_path), load_external_data=False).graph.node:
-        if node.op_type in ("Conv", "Gemm") and len(node.input) > 1:
-            groups.setdefault(_stage(node.input[1]), []).append(node.name)
-    return list(groups.values())
-
-
-# Plans tried in order, fastest first: how many leading stages stay in fp32. Measured on lite0
-# (benchmarks/inference.py, 2 cores, b32): all int8 2.3x fp32, stem + first stage fp32 2.1x, stem +
-# two stages 1.9x. The early layers see the raw signal through few channels, and per-tensor
-# activation scales lose the most there (the demo digits: 3 of 76 top-1 answers flip with all
-# layers int8, none with the first two stages in fp32).
-INT8_PLANS = (0, 2, 3)
-INT8_SELECT_AGREEMENT = 0.995
-
-
-def _plan_name(k: int) -> str:
-    return "all layers int8" if k == 0 else f"first {k} stages fp32 (stem included)"
-
-
-def _prepared(fp32: Path, work: Path) -> Path:
-    """ONNX Runtime's pre-processing (shape inference, BN folding), falling back to the file as is."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    import tempfile
-
-    # a fresh folder of its own, so the file it writes (and quantize_int8 later deletes) is never one
-    # that already stood beside the model
-    prep = Path(tempfile.mkdtemp(prefix=".prep.", dir=work)) / (fp32.stem + ".prep.onnx")
-    try:
-        quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=True)
-        return prep
-    except Exception:  # noqa: BLE001 - pre-processing is an optimisation only
-        import shutil
-
-        shutil.rmtree(prep.parent, ignore_errors=True)
-        return fp32
-
-
-def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, keep_fp32: list[str] | tuple = (),
-                  prepared: Path | None = None) -> Path:
-    """Static int8 (QDQ, per-channel weights, MinMax activations calibrated on ``calib``); the nodes
-    named in ``keep_fp32`` stay fp32."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    src = prepared or _prepared(fp32, out.parent)
-    batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
-    try:
-        quantize_static(str(src), str(out), _Calibration(batches, "input"), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(keep_fp32))
-    finally:
-        if prepared is None and src != fp32:
-            import shutil
-
-            shutil.rmtree(src.parent, ignore_errors=True)  # the temporary folder _prepared made
-    return out
 
 
 TARGETS = {"onnx": "model.onnx", "tflite": "model.tflite", "coreml": "model.mlpackage"}
@@ -229,7 +143,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, data: s
     if marker_kind(out) is None:
         write_marker(out, "export")
 
-    job = _Job(clf, model_dir, data, out, target, files, prefer_size)
+    job = _Job(clf, model_dir, data, out, target, files, prefer_size, o["int8_distill"])
     report = {"onnx": job.onnx, "tflite": job.tflite, "coreml": job.coreml}[fmt](int8)
     atomic_write_json(out / PARITY[fmt], report)
     write_table(out)
@@ -240,9 +154,9 @@ class _Job:
     """One export: the bundle, the held-out files and PyTorch's answers on them, shared by the
     fp32 file, its parity check and the int8 search."""
 
-    def __init__(self, clf, model_dir, data, out, target, files, prefer_size):
+    def __init__(self, clf, model_dir, data, out, target, files, prefer_size, distill_mode="auto"):
         self.clf, self.model_dir, self.data, self.out, self.target = clf, model_dir, data, out, target
-        self.files, self.prefer_size = files, prefer_size
+        self.files, self.prefer_size, self.distill_mode = files, prefer_size, distill_mode
         self.what = "clips" if clf.audio is not None else "images"
         self.meta = _metadata(clf)
         self.size = clf.preprocess.size
@@ -316,36 +230,44 @@ class _Job:
     # --- ONNX ---
 
     def onnx(self, int8: bool) -> dict:
-        import onnx
-
-        from .features import export_onnx
         from .onnx_predictor import OnnxClassifier
 
         t = time.perf_counter()
-        tmp = self.out / ".model.export.onnx"
-        export_onnx(_full_model(self.clf), self.size, tmp, output_names=["probabilities", "features", "logits"])
-        proto = onnx.load(str(tmp))
-        del proto.metadata_props[:]
-        proto.metadata_props.add(key="foldernet", value=json.dumps(self.meta, ensure_ascii=False))
-        proto.producer_name = "foldernet"
-        atomic_write_bytes(tmp, proto.SerializeToString())
+        module = _full_model(self.clf)
+        tmp = self.write_onnx(module, self.out / ".model.export.onnx")
         console.print("...then ONNX Runtime")
         report, predictor, bench = self.check_fp32("onnx", "ONNX", tmp, OnnxClassifier, time.perf_counter() - t)
         if int8:
-            def make(k: int, calib: np.ndarray, work: Path, prepared: dict):
-                if "path" not in prepared:
-                    prepared["path"] = _prepared(self.target, work)
-                    prepared["groups"] = stage_groups(prepared["path"])
-                groups = prepared["groups"]
+            def make(k: int, calib: np.ndarray, work: Path, state: dict):
+                tag = "d" if state.get("module") is not None else ""
+                if "path" not in state:  # the fp32 graph this round quantises, pre-processed once
+                    src = self.target if not tag else self.write_onnx(state["module"], work / "distilled.onnx")
+                    state["path"] = prepared(src, work)
+                    state["groups"] = stage_groups(state["path"])
+                groups = state["groups"]
                 if k and k >= len(groups):
                     return None
-                cand = work / f"plan{k}.onnx"
+                cand = work / f"plan{k}{tag}.onnx"
                 quantize_int8(self.target, cand, calib, keep_fp32=[n for g in groups[:k] for n in g],
-                              prepared=prepared["path"])
+                              prepared_path=state["path"])
                 return cand, OnnxClassifier(cand)
 
-            report["int8"] = self.int8(predictor, make, OnnxClassifier, bench)
+            report["int8"] = self.int8(predictor, make, OnnxClassifier, bench, module)
         return report
+
+    def write_onnx(self, module, path: Path) -> Path:
+        """``module`` as an ONNX file with the bundle's metadata (labels, preprocessing, ...)."""
+        import onnx
+
+        from .features import export_onnx
+
+        export_onnx(module, self.size, path, output_names=["probabilities", "features", "logits"])
+        proto = onnx.load(str(path))
+        del proto.metadata_props[:]
+        proto.metadata_props.add(key="foldernet", value=json.dumps(self.meta, ensure_ascii=False))
+        proto.producer_name = "foldernet"
+        atomic_write_bytes(path, proto.SerializeToString())
+        return path
 
     # --- TFLite ---
 
@@ -360,16 +282,17 @@ class _Job:
         console.print("...then the LiteRT interpreter")
         report, predictor, bench = self.check_fp32("tflite", "TFLite", tmp, TFLiteClassifier, time.perf_counter() - t)
         if int8:
-            def make(k: int, calib: np.ndarray, work: Path, prepared: dict):
+            def make(k: int, calib: np.ndarray, work: Path, state: dict):
                 from .mobile import _stages
 
-                if k and k >= len(_stages(module)):
+                net = state.get("module") or module
+                if k and k >= len(_stages(net)):
                     return None
-                cand = work / f"plan{k}.tflite"
-                atomic_write_bytes(cand, with_metadata(convert_tflite(module, self.size, calib[:128], k), self.meta))
+                cand = work / f"plan{k}{'d' if net is not module else ''}.tflite"
+                atomic_write_bytes(cand, with_metadata(convert_tflite(net, self.size, calib[:128], k), self.meta))
                 return cand, TFLiteClassifier(cand)
 
-            report["int8"] = self.int8(predictor, make, TFLiteClassifier, bench, single=True)
+            report["int8"] = self.int8(predictor, make, TFLiteClassifier, bench, module, single=True)
         return report
 
     # --- Core ML ---
@@ -417,8 +340,9 @@ class _Job:
 
     # --- int8, any format ---
 
-    def int8(self, fp32_predictor, make, predictor_cls, bench: np.ndarray, single: bool = False) -> dict:
-        """Quantise with the fastest plan that agrees with fp32 on a selection split, then check it on
+    def int8(self, fp32_predictor, make, predictor_cls, bench: np.ndarray, module, single: bool = False) -> dict:
+        """Quantise with the fastest plan that agrees with fp32 on a selection split (when none does,
+        and ``int8_distill`` allows, the plans again on weights distilled for int8), then check it on
         the held-out split like the fp32 file: kept when it agrees on >= 99 % and is faster."""
         _, splits = split_files(self.model_dir, self.data)
         train = splits.get("train") or self.files
@@ -435,24 +359,35 @@ class _Job:
         import tempfile
 
         work = Path(tempfile.mkdtemp(prefix=".int8.", dir=self.out))
-        tried, best, prepared = [], None, {}
+        tried, best, distilled_info = [], None, None
+        rounds = {"never": (False,), "auto": (False, True), "always": (True,)}[self.distill_mode]
         try:
-            for k in INT8_PLANS:
-                made = make(k, calib, work, prepared)
-                if made is None:
+            for distilled in rounds:
+                if distilled and best is not None and best[1] >= INT8_SELECT_AGREEMENT:
                     break
-                cand, predictor = made
-                got, ok, _ = predictor.predict_proba(select_files)
-                m = ok & ok_sel
-                agree = float(np.mean(got[m].argmax(1) == select_ref[m].argmax(1))) if m.any() else 0.0
-                tried.append({"plan": _plan_name(k), "selection_agreement": round(agree, 4)})
-                console.print(f"int8 plan '{_plan_name(k)}': agreement {agree:.4f} on {int(m.sum())} images of "
-                              f"{select_split}")
-                if best is None or agree > best[1]:
-                    best = (k, agree, cand)
-                if agree >= INT8_SELECT_AGREEMENT:
-                    break
-            k, _, cand = best
+                state: dict = {}
+                if distilled:
+                    t = time.perf_counter()
+                    rows = np.concatenate([fp32_predictor.pixels(p) for p in _sample(train, 512)])[:1024]
+                    state["module"], distilled_info = distill(module, rows, calib)
+                    distilled_info["seconds"] = round(time.perf_counter() - t, 1)
+                for k in INT8_PLANS:
+                    made = make(k, calib, work, state)
+                    if made is None:
+                        break
+                    cand, predictor = made
+                    got, ok, _ = predictor.predict_proba(select_files)
+                    m = ok & ok_sel
+                    agree = float(np.mean(got[m].argmax(1) == select_ref[m].argmax(1))) if m.any() else 0.0
+                    name = plan_name(k, distilled)
+                    tried.append({"plan": name, "selection_agreement": round(agree, 4)})
+                    console.print(f"int8 plan '{name}': agreement {agree:.4f} on {int(m.sum())} images of "
+                                  f"{select_split}")
+                    if best is None or agree > best[1]:
+                        best = (name, agree, cand)
+                    if agree >= INT8_SELECT_AGREEMENT:
+                        break
+            chosen, _, cand = best
             os.replace(cand, path8)
         finally:
             import shutil
@@ -478,9 +413,9 @@ class _Job:
         return {"top1_agreement": agree8, "max_prob_diff": diff8, "img_per_s": round(speed8, 1),
                 "fp32_img_per_s": round(speed32, 1), "speedup": round(speed8 / speed32, 2),
                 "single_ms": single_ms, "size_mb": round(size8, 2), "fp32_size_mb": round(size32, 2), "kept": keep,
-                "reason": reason, "path": path8.name if keep else None, "plan": _plan_name(k),
+                "reason": reason, "path": path8.name if keep else None, "plan": chosen,
                 "plans_tried": tried, "selection_split": select_split, "calibration_images": len(calib_files),
-                **answered}
+                "distillation": distilled_info, **answered}
 
 
 def _sample(files: list[Path], n: int, seed: int = 0) -> list[Path]:

@@ -63,12 +63,12 @@ def _stages(module) -> list[str]:
     finds them in the ONNX graph, so both int8 paths keep the same layers in fp32."""
     import torch
 
-    from .export import _stage
+    from .int8 import stage_of
 
     seen: list[str] = []
     for name, sub in module.named_modules():
         if isinstance(sub, (torch.nn.Conv2d, torch.nn.Linear)):
-            stage = _stage(name + ".weight")
+            stage = stage_of(name + ".weight")
             if stage not in seen:
                 seen.append(stage)
     return seen

@@ -243,6 +243,8 @@ EXPORT = [
        choices=("onnx", "tflite", "coreml")),
     _p("int8", bool, False, "also try static int8 quantisation (kept only if it agrees and is faster)"),
     _p("prefer_size", bool, False, "keep int8 when it agrees but is not faster"),
+    _p("int8_distill", str, "auto", "when no int8 plan agrees: auto (tune the weights for int8 for a minute or "
+       "a few, then try again), never, or always (skip the untuned plans)", choices=("auto", "never", "always")),
     _p("force", bool, False, "replace an existing export that foldernet wrote"),
 ]
 SERVE = [

@@ -1,0 +1,240 @@
+"""Static int8 for ONNX Runtime, and the distillation that makes a network agree with itself in int8.
+
+Post-training quantisation rounds every weight and activation to 8 bits; on a small head that
+separates close classes, that flips a few answers in a hundred. Two remedies, tried in this order
+by ``export --int8``: plans that keep the first stages (where per-tensor scales lose the most) in
+fp32, and, when none agrees, a short distillation: the network is tuned for a few dozen steps to
+reproduce its own fp32 logits while int8 rounding is simulated in its forward pass (weights per
+output channel, activations per tensor with the ranges ONNX Runtime's calibration will find), so
+the int8 file made from the tuned weights answers like the original. The head (a linear layer on
+the pooled features) and the outputs stay fp32 in every plan: they cost nothing and carry the
+margins between classes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .progress import console, progress_bar
+
+INT8_MIN_AGREEMENT = 0.99
+
+# Plans tried in order, fastest first: how many leading stages stay in fp32. Measured on lite0
+# (benchmarks/inference.py, 2 cores, b32): all int8 2.3x fp32, stem + first stage fp32 2.1x, stem +
+# two stages 1.9x. The early layers see the raw signal through few channels, and per-tensor
+# activation scales lose the most there (the demo digits: 3 of 76 top-1 answers flip with all
+# layers int8, none with the first two stages in fp32).
+INT8_PLANS = (0, 2, 3)
+INT8_SELECT_AGREEMENT = 0.995
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over preprocessed training images."""
+
+    def __init__(self, batches: list[np.ndarray], name: str):
+        self.it = iter([{name: b} for b in batches])
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def stage_of(weight_name: str) -> str:
+    """The network stage a weight belongs to, from its module path: ``backbone.conv_stem``,
+    ``backbone.blocks.0`` (EfficientNet), ``backbone.layer1`` (ResNet), ``head``..."""
+    key = []
+    parts = weight_name.split(".")[:-1] or [weight_name]
+    for i, part in enumerate(parts):
+        key.append(part)
+        # an ensemble's member index (``backbone.members.1.blocks.0``) is not a stage: go on
+        if any(ch.isdigit() for ch in part) and not (i and parts[i - 1] == "members"):
+            break
+    return ".".join(key)
+
+
+def stage_groups(model_path: Path) -> list[list[str]]:
+    """Names of the Conv/Gemm nodes of an ONNX graph's backbone, grouped by stage, in graph order."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    head = set(head_nodes(model_path))
+    groups: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 and node.name not in head:
+            groups.setdefault(stage_of(node.input[1]), []).append(node.name)
+    return list(groups.values())
+
+
+def head_nodes(model_path: Path, features: str = "features") -> list[str]:
+    """Names of the nodes from the one that writes the ``features`` output to the model's outputs:
+    the head, the temperature and the softmax, which stay fp32 in every int8 plan (a quantised
+    softmax output moves in steps of 1/255, a quantised logit moves the answer)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    tainted = {features}
+    names = []
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        if features in node.output or tainted & set(node.input):
+            names.append(node.name)
+            tainted.update(node.output)
+    return names
+
+
+def plan_name(k: int, distilled: bool = False) -> str:
+    name = "all layers int8" if k == 0 else f"first {k} stages fp32 (stem included)"
+    return name + (", distilled" if distilled else "")
+
+
+def prepared(fp32: Path, work: Path) -> Path:
+    """ONNX Runtime's pre-processing (shape inference, BN folding), falling back to the file as is."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # a fresh folder of its own, so the file it writes (and quantize_int8 later deletes) is never one
+    # that already stood beside the model
+    prep = Path(tempfile.mkdtemp(prefix=".prep.", dir=work)) / (fp32.stem + ".prep.onnx")
+    try:
+        quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=True)
+        return prep
+    except Exception:  # noqa: BLE001 - pre-processing is an optimisation only
+        shutil.rmtree(prep.parent, ignore_errors=True)
+        return fp32
+
+
+def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, keep_fp32: list[str] | tuple = (),
+                  prepared_path: Path | None = None) -> Path:
+    """Static int8 (QDQ, per-channel weights, MinMax activations calibrated on ``calib``); the head
+    and the nodes named in ``keep_fp32`` stay fp32."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src = prepared_path or prepared(fp32, out.parent)
+    batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
+    try:
+        quantize_static(str(src), str(out), _Calibration(batches, "input"), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=list(keep_fp32) + head_nodes(src))
+    finally:
+        if prepared_path is None and src != fp32:
+            shutil.rmtree(src.parent, ignore_errors=True)  # the temporary folder prepared() made
+    return out
+
+
+# Distillation: measured on the clothing bundle (lite0, 341 validation images): post-training int8
+# flipped 6 answers with the first two stages in fp32, 2 after 60 steps of this (lr 3e-6, batch 32,
+# 512 training images); a higher rate drifts from the teacher, more steps did not help.
+DISTILL_STEPS = 60
+DISTILL_LR = 3e-6
+DISTILL_BATCH = 32
+
+
+def _fake_quant_weight(weight):
+    """Symmetric int8 per output channel, as ONNX Runtime quantises Conv weights (scales from the
+    current weights, so the rounding follows them as they move; gradients pass straight through)."""
+    import torch
+
+    flat = weight.detach().abs().reshape(weight.shape[0], -1).amax(1).clamp_min(1e-8)
+    scale = (flat / 127.0).float()
+    zero = torch.zeros(weight.shape[0], dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -127, 127)
+
+
+def _activation_points(backbone):
+    """The modules whose outputs ONNX Runtime quantises: every batch norm (after folding, a Conv's
+    output, with its activation fused) and every residual sum."""
+    from torch import nn
+
+    return [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d) or getattr(m, "has_skip", False)]
+
+
+def distill(module, pixels: np.ndarray, calib: np.ndarray, steps: int = DISTILL_STEPS, lr: float = DISTILL_LR,
+            batch: int = DISTILL_BATCH, seed: int = 0, progress: bool = True):
+    """A copy of ``module`` (the export network: (probabilities, features, logits)) tuned so that its
+    int8 rounding changes its answers as little as possible: ``steps`` Adam steps minimising the KL
+    divergence from the original's logits on ``pixels`` (preprocessed training rows), with int8
+    rounding of the backbone simulated; batch norm statistics stay frozen. ``calib`` gives the
+    activation ranges, as ONNX Runtime's MinMax calibration will see them. Returns the copy and what
+    the tuning did (the simulated int8 model's KL divergence from the original, before and after)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(seed)
+    teacher = module.eval()
+    student = copy.deepcopy(module).eval()
+    x_all = torch.from_numpy(np.ascontiguousarray(pixels, np.float32))
+    with torch.no_grad():
+        target = torch.cat([teacher(x_all[i:i + 64])[2] for i in range(0, len(x_all), 64)])
+
+    points = _activation_points(student.backbone)
+    ranges = {id(m): [0.0, 0.0] for m in points}  # the calibration always includes 0, as ORT's does
+
+    def observe(mod, _inp, out):
+        r = ranges[id(mod)]
+        r[0], r[1] = min(r[0], float(out.min())), max(r[1], float(out.max()))
+
+    hooks = [m.register_forward_hook(observe) for m in points]
+    with torch.no_grad():
+        for i in range(0, len(calib), 32):
+            student(torch.from_numpy(np.ascontiguousarray(calib[i:i + 32], np.float32)))
+    for h in hooks:
+        h.remove()
+
+    def fake_quant(mod, _inp, out):
+        lo, hi = ranges[id(mod)]
+        scale = max(hi - lo, 1e-8) / 255.0
+        zero = int(round(-lo / scale))
+        return torch.fake_quantize_per_tensor_affine(out, scale, zero, 0, 255)
+
+    class FakeQuant(nn.Module):
+        def forward(self, w):
+            return _fake_quant_weight(w)
+
+    convs = [m for m in student.backbone.modules() if isinstance(m, nn.Conv2d)]
+    for m in convs:
+        parametrize.register_parametrization(m, "weight", FakeQuant())
+    hooks = [m.register_forward_hook(fake_quant) for m in points]
+    for p in student.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    rng = np.random.default_rng(seed)
+    probe = torch.from_numpy(rng.choice(len(x_all), min(256, len(x_all)), replace=False))
+
+    def divergence() -> float:
+        """KL of the int8-simulated student from the original on a fixed sample of the rows."""
+        with torch.no_grad():
+            logits = torch.cat([student(x_all[probe[i:i + 64]])[2] for i in range(0, len(probe), 64)])
+            return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target[probe], -1), log_target=True,
+                                  reduction="batchmean"))
+
+    try:
+        before = divergence()
+        with progress_bar(steps, "int8 distillation", enabled=progress) as bar:
+            for _ in range(steps):
+                idx = torch.from_numpy(rng.choice(len(x_all), min(batch, len(x_all)), replace=False))
+                logits = student(x_all[idx])[2]
+                loss = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target[idx], -1), log_target=True,
+                                reduction="batchmean")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                bar.update(info=f"KL {loss.item():.4f}")
+                bar.advance()
+        after = divergence()
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in convs:  # keep the trained float weights, drop the simulated rounding
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    console.print(f"int8 distillation: {steps} steps on {len(x_all)} training rows; simulated int8 KL from the "
+                  f"original {before:.5f} -> {after:.5f}")
+    return student.eval(), {"steps": steps, "rows": len(x_all), "kl_before": round(before, 6),
+                            "kl_after": round(after, 6)}
