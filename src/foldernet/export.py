@@ -342,8 +342,9 @@ class _Job:
 
     def int8(self, fp32_predictor, make, predictor_cls, bench: np.ndarray, module, single: bool = False) -> dict:
         """Quantise with the fastest plan that agrees with fp32 on a selection split (when none does,
-        and ``int8_distill`` allows, the plans again on weights distilled for int8), then check it on
-        the held-out split like the fp32 file: kept when it agrees on >= 99 % and is faster."""
+        or only one that keeps stages in fp32, and ``int8_distill`` allows: the faster plans again on
+        weights distilled for int8), then check it on the held-out split like the fp32 file: kept
+        when it agrees on >= 99 % and is faster."""
         _, splits = split_files(self.model_dir, self.data)
         train = splits.get("train") or self.files
         calib_files = _sample(train, 128)
@@ -361,9 +362,20 @@ class _Job:
         work = Path(tempfile.mkdtemp(prefix=".int8.", dir=self.out))
         tried, best, distilled_info = [], None, None
         rounds = {"never": (False,), "auto": (False, True), "always": (True,)}[self.distill_mode]
+
+        def better(k: int, agree: float) -> bool:
+            """An agreeing plan beats any that does not, and among agreeing plans the faster (fewer
+            fp32 stages) wins; among the rest, the higher agreement."""
+            if best is None:
+                return True
+            ok, best_ok = agree >= INT8_SELECT_AGREEMENT, best[1] >= INT8_SELECT_AGREEMENT
+            return (ok and (not best_ok or k < best[3])) or (not ok and not best_ok and agree > best[1])
+
         try:
             for distilled in rounds:
-                if distilled and best is not None and best[1] >= INT8_SELECT_AGREEMENT:
+                # distil only when it can win: nothing agreed yet, or only a plan slower than all-int8
+                plans = [k for k in INT8_PLANS if best is None or best[1] < INT8_SELECT_AGREEMENT or k < best[3]]
+                if not plans:
                     break
                 state: dict = {}
                 if distilled:
@@ -371,7 +383,7 @@ class _Job:
                     rows = np.concatenate([fp32_predictor.pixels(p) for p in _sample(train, 512)])[:1024]
                     state["module"], distilled_info = distill(module, rows, calib)
                     distilled_info["seconds"] = round(time.perf_counter() - t, 1)
-                for k in INT8_PLANS:
+                for k in plans:
                     made = make(k, calib, work, state)
                     if made is None:
                         break
@@ -383,11 +395,11 @@ class _Job:
                     tried.append({"plan": name, "selection_agreement": round(agree, 4)})
                     console.print(f"int8 plan '{name}': agreement {agree:.4f} on {int(m.sum())} images of "
                                   f"{select_split}")
-                    if best is None or agree > best[1]:
-                        best = (name, agree, cand)
+                    if better(k, agree):
+                        best = (name, agree, cand, k)
                     if agree >= INT8_SELECT_AGREEMENT:
                         break
-            chosen, _, cand = best
+            chosen, _, cand, _ = best
             os.replace(cand, path8)
         finally:
             import shutil

@@ -199,7 +199,14 @@ def distill(module, pixels: np.ndarray, calib: np.ndarray, steps: int = DISTILL_
     convs = [m for m in student.backbone.modules() if isinstance(m, nn.Conv2d)]
     for m in convs:
         parametrize.register_parametrization(m, "weight", FakeQuant())
+    lo_in, hi_in = min(0.0, float(calib.min())), max(0.0, float(calib.max()))  # ORT quantises the input too
+    scale_in = max(hi_in - lo_in, 1e-8) / 255.0
+
+    def quant_input(_mod, args):
+        return (torch.fake_quantize_per_tensor_affine(args[0], scale_in, int(round(-lo_in / scale_in)), 0, 255),)
+
     hooks = [m.register_forward_hook(fake_quant) for m in points]
+    hooks.append(student.backbone.register_forward_pre_hook(quant_input))
     for p in student.parameters():
         p.requires_grad_(True)
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
