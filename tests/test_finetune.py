@@ -124,3 +124,22 @@ def test_ddp_with_two_gloo_processes(small_digits, tmp_path):
     metrics = json.loads((tmp_path / "ddp" / "model" / "metrics.json").read_text())
     assert len(metrics["history"]) == 2 and metrics["splits"]["val"]["accuracy"] > 0.2
     assert not list(tmp_path.glob(".ddp.rank*"))
+
+
+def test_low_res_epochs_train_small_then_full_size(small_digits, tmp_path):
+    """Progressive resizing: the first epochs on 3/4-size crops, the last at the input size; the
+    model still learns (well above chance on the test split) and predicts at full size."""
+    out = tmp_path / "lowres"
+    result = foldernet.train(small_digits, out=out, mode="finetune", epochs=3, low_res_epochs=2,
+                             **{**SMALL, "img_size": 64})
+    assert [h["train_size"] for h in result.metrics["history"]] == [48, 48, 64]
+    assert result.metrics["splits"]["test"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert result.config["training"]["finetune"]["low_res_epochs"] == 2
+
+
+def test_low_res_epochs_must_leave_full_size_epochs(small_digits, tmp_path):
+    from foldernet.errors import FoldernetError
+
+    with pytest.raises(FoldernetError, match="--low-res-epochs 6 must be smaller than --epochs"):
+        foldernet.train(small_digits, out=tmp_path / "x", mode="finetune", low_res_epochs=6, **SMALL)
+    assert not (tmp_path / "x").exists()

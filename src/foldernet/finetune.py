@@ -34,6 +34,9 @@ from .progress import console, progress_bar
 
 log = logging.getLogger("foldernet")
 AUGMENT_PRESETS = ("none", "light", "strong")
+# Progressive resizing (fastai's and timm's trick): early epochs on smaller crops cost about the
+# square of the scale per step, and EfficientNets pool globally, so the same weights run at any size.
+LOW_RES_SCALE = 0.75
 LAYER_DECAY = 0.85
 
 
@@ -57,19 +60,21 @@ class FinetuneConfig:
     audio: object = None         # an audio.AudioConfig: spectrogram windows, SpecAugment, clip mixing
     resume: bool = False         # continue from the checkpoint folder
     pretrained: bool = True      # False: random weights (no stage 1, BatchNorm trains)
+    low_res_epochs: int = 0      # the first N epochs on crops at LOW_RES_SCALE of the input size (images)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
 
-def build_transform(pre: Preprocess, augment: str, train: bool):
-    """torchvision v2 pipeline for training images; evaluation uses foldernet's own preprocessing."""
+def build_transform(pre: Preprocess, augment: str, train: bool, size: int | None = None):
+    """torchvision v2 pipeline for training images (crops of ``size``, default the input size);
+    evaluation uses foldernet's own preprocessing."""
     import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
 
     if not train or augment == "none":
         return lambda img: torch.from_numpy(pre(img))
-    steps = [T.RandomResizedCrop(pre.size, scale=(0.6 if augment == "light" else 0.35, 1.0),
+    steps = [T.RandomResizedCrop(size or pre.size, scale=(0.6 if augment == "light" else 0.35, 1.0),
                                  interpolation=InterpolationMode.BICUBIC, antialias=True),
              T.RandomHorizontalFlip()]
     if augment == "strong":
@@ -368,6 +373,11 @@ def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], n
         _set_stage(groups, stage)
         if world > 1 and model_stage != stage:  # DDP tracks the parameters that train: rewrap per stage
             model, model_stage = nn.parallel.DistributedDataParallel(net), stage
+        size = pre.size
+        if cfg.audio is None and cfg.augment != "none":  # sizes follow the epoch alone: resumable runs repeat
+            if epoch < cfg.low_res_epochs:
+                size = max(32, int(round(pre.size * LOW_RES_SCALE / 8)) * 8)
+            train_ds.transform = build_transform(pre, cfg.augment, True, size)
         torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation and order depend on (seed, epoch) only
         loader = torch.utils.data.DataLoader(
             train_ds, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=False,
@@ -375,7 +385,8 @@ def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], n
         train_loss = _train_epoch(model, net, loader, opt, sched, loss_fn, cfg,
                                   f"epoch {epoch + 1}/{cfg.epochs} (stage {stage})", cfg.progress and rank == 0)
         acc, f1, vloss = _validate(net, val_ds, y_val, cfg.batch_size)
-        history.append({"epoch": len(history) + 1, "stage": stage, "train_loss": train_loss, "val_loss": vloss,
+        history.append({"epoch": len(history) + 1, "stage": stage, "train_size": size,
+                        "train_loss": train_loss, "val_loss": vloss,
                         "val_acc": acc, "val_macro_f1": f1, "lr": opt.param_groups[-1]["lr"],
                         "seconds": round(time.perf_counter() - t0, 2)})
         improved = not len(val_ds) or f1 > best_f1 + 1e-6

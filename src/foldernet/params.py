@@ -180,6 +180,10 @@ TRAIN = [
     _p("batch_size", int, 32, "fine-tuning batch size", 1, 4096, section="finetune"),
     _p("augment", str, "light", "fine-tuning augmentation", choices=("none", "light", "strong"),
        section="finetune"),
+    _p("low_res_epochs", int, 0, "fine-tuning: train the first N epochs on images at 3/4 of the input size "
+       "(about half the time per epoch), the rest at full size (images with --augment light or strong; "
+       "ignored for sound)", 0, 100_000,
+       section="finetune"),
     _p("workers", int, 0, "fine-tuning data-loader processes", 0, 64, section="finetune"),
     _p("resume", bool, False, "continue an interrupted fine-tuning run", section="finetune"),
     _p("keep_checkpoint", bool, False, "keep the fine-tuning checkpoint (optimizer state) in the finished run",
@@ -324,6 +328,10 @@ def _cross_checks(command: str, v: dict[str, Any]) -> None:
         from .models import check_ensemble
 
         check_ensemble(v["backbone"], v.get("weights"), command)
+    epochs = v.get("epochs") or (20 if v.get("backbone") == "scratch" else 6)  # finetune.py's defaults
+    if v.get("low_res_epochs") and v["low_res_epochs"] >= epochs:
+        raise FoldernetError(f"{command} --low-res-epochs {v['low_res_epochs']} must be smaller than --epochs "
+                             f"({epochs}): the last epochs train at full size")
     if command == "split" and v.get("folds") in (1, 2):
         raise FoldernetError(f"split --folds must be 0 (one splits.csv) or at least 3 (got {v['folds']})")
 

@@ -76,6 +76,7 @@ class FinetuneSpec:
     resume: bool = False
     keep_checkpoint: bool = False
     patience: int | None = None
+    low_res_epochs: int = 0
 
 
 @dataclass(frozen=True)

@@ -365,6 +365,7 @@ def finetune_stage(encoder: Encoder, head: LinearHead | None, ds: Dataset, rows:
                          patience=ft.patience, balance=balance,
                          class_weights=weights.tolist() if weights is not None else None, seed=spec.split.seed,
                          workers=ft.workers, audio=encoder.audio, resume=ft.resume, pretrained=encoder.pretrained,
+                         low_res_epochs=ft.low_res_epochs,
                          progress=spec.run.progress)
     net = network(encoder.model, head, len(rows.labels), encoder.num_features)
 
@@ -535,7 +536,8 @@ def bundle_config(spec: TrainSpec, encoder: Encoder, ds: Dataset, rows: Rows, he
         ft = spec.finetune
         training["finetune"] = {"epochs": ft.epochs, "lr": ft.finetune_lr, "augment": ft.augment,
                                 "batch_size": ft.batch_size, "layer_decay": LAYER_DECAY,
-                                "label_smoothing": FinetuneConfig.label_smoothing, "patience": ft.patience}
+                                "label_smoothing": FinetuneConfig.label_smoothing, "patience": ft.patience,
+                                "low_res_epochs": ft.low_res_epochs}
     return BundleConfig(
         backbone=encoder.name, weights_source=encoder.backbone.weights_source, mode=spec.model.mode,
         labels=list(rows.labels), num_features=encoder.num_features, preprocess=encoder.preprocess,
