@@ -181,7 +181,7 @@ TRAIN = [
     _p("augment", str, "light", "fine-tuning augmentation", choices=("none", "light", "strong"),
        section="finetune"),
     _p("low_res_epochs", int, 0, "fine-tuning: train the first N epochs on images at 3/4 of the input size "
-       "(about half the time per epoch), the rest at full size (images with --augment light or strong; "
+       "(cheaper steps), the rest at full size (images with --augment light or strong; "
        "ignored for sound)", 0, 100_000,
        section="finetune"),
     _p("workers", int, 0, "fine-tuning data-loader processes", 0, 64, section="finetune"),
