@@ -55,12 +55,16 @@ def stage_of(weight_name: str) -> str:
     return ".".join(key)
 
 
-def stage_groups(model_path: Path) -> list[list[str]]:
-    """Names of the Conv/Gemm nodes of an ONNX graph's backbone, grouped by stage, in graph order."""
+def _graph(model_path: Path):
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    head = set(head_nodes(model_path))
+    return onnx.load(str(model_path), load_external_data=False).graph
+
+
+def stage_groups(model_path: Path) -> list[list[str]]:
+    """Names of the Conv/Gemm nodes of an ONNX graph's backbone, grouped by stage, in graph order."""
+    graph = _graph(model_path)
+    head = set(head_nodes(graph))
     groups: dict[str, list[str]] = {}
     for node in graph.node:
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 and node.name not in head:
@@ -68,13 +72,10 @@ def stage_groups(model_path: Path) -> list[list[str]]:
     return list(groups.values())
 
 
-def head_nodes(model_path: Path, features: str = "features") -> list[str]:
-    """Names of the nodes from the one that writes the ``features`` output to the model's outputs:
-    the head, the temperature and the softmax, which stay fp32 in every int8 plan (a quantised
-    softmax output moves in steps of 1/255, a quantised logit moves the answer)."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+def head_nodes(graph, features: str = "features") -> list[str]:
+    """Names of the nodes of an ONNX graph from the one that writes the ``features`` output to the
+    model's outputs: the head, the temperature and the softmax, which stay fp32 in every int8 plan (a
+    quantised softmax output moves in steps of 1/255, a quantised logit moves the answer)."""
     tainted = {features}
     names = []
     for node in graph.node:  # ONNX graphs are topologically sorted
@@ -116,7 +117,7 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, keep_fp32: list[str]
         quantize_static(str(src), str(out), _Calibration(batches, "input"), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=list(keep_fp32) + head_nodes(src))
+                        nodes_to_exclude=list(keep_fp32) + head_nodes(_graph(src)))
     finally:
         if prepared_path is None and src != fp32:
             shutil.rmtree(src.parent, ignore_errors=True)  # the temporary folder prepared() made
