@@ -371,3 +371,12 @@ def test_finetune_validation_sees_every_window_as_predict_does(tmp_path):
         assert match, "a training window is not rendered as predict renders it (quiet windows must stay quiet)"
         drawn.add(match[0])
     assert len(drawn) > 1
+
+
+def test_top_mode_is_refused_for_sound_before_work(sounds, tmp_path):
+    """--mode top caches activations per input, but a clip's windows are averaged after the backbone."""
+    from foldernet.errors import FoldernetError
+
+    with pytest.raises(FoldernetError, match="--mode top is for images, not audio"):
+        foldernet.train(sounds, out=tmp_path / "x", mode="top", progress=False)
+    assert not (tmp_path / "x").exists()

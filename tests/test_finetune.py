@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import foldernet
@@ -142,4 +143,52 @@ def test_low_res_epochs_must_leave_full_size_epochs(small_digits, tmp_path):
 
     with pytest.raises(FoldernetError, match="--low-res-epochs 6 must be smaller than --epochs"):
         foldernet.train(small_digits, out=tmp_path / "x", mode="finetune", low_res_epochs=6, **SMALL)
+    assert not (tmp_path / "x").exists()
+
+
+def test_top_mode_tunes_the_last_stages_on_cached_activations(small_digits, tmp_path):
+    """--mode top: the last stages and the head train on cached activations of the frozen trunk. At 48
+    px ImageNet features are weak, so tuning pays: it beats the head on frozen features; the trunk's
+    weights are untouched, the top's changed; the bundle predicts the held-out files exactly as the run
+    scored them (its features came from the tuned network)."""
+    import csv
+
+    from safetensors.numpy import load_file
+
+    from foldernet.models import create_backbone
+
+    opts = {**SMALL, "img_size": 48}
+    head = foldernet.train(small_digits, out=tmp_path / "head", **opts)
+    out = tmp_path / "top"
+    tuned = foldernet.train(small_digits, out=out, mode="top", epochs=8, tta="auto", **opts)
+    f1_head = head.metrics["splits"]["val"]["macro_f1"]
+    f1_top = tuned.metrics["splits"]["val"]["macro_f1"]
+    assert f1_top >= f1_head + 0.02, (f1_head, f1_top)
+    assert tuned.metrics["splits"]["test"]["accuracy"] > 0.6  # 10 classes: chance is 0.1
+    info = tuned.metrics["top"]
+    assert info["stages"] == 2 and info["views"] == 3 and info["kept_epoch"] >= 1
+    assert len(tuned.metrics["history"]) == 8 and tuned.metrics["head_history"]
+    assert tuned.config["training"]["top"]["stages"] == 2 and tuned.metrics["tta"]["val_loss_flip"] > 0
+
+    prefix = "backbone.net." if tuned.config["tta"] == "flip" else "backbone."  # flip TTA wraps the network
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    original = create_backbone("tf_efficientnet_lite0").model.state_dict()
+    changed = {k for k, v in original.items() if not np.array_equal(saved[prefix + k], v.numpy())}
+    assert changed and all(k.startswith(("blocks.5.", "blocks.6.", "conv_head.", "bn2.")) for k in changed), changed
+
+    rows = [r for r in csv.DictReader(open(out / "predictions.csv")) if r["split"] == "test"]
+    model = foldernet.load(out, engine="torch")
+    preds = model.predict([small_digits / r["path"] for r in rows])
+    assert [p.label for p in preds] == [r["predicted"] for r in rows]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(top_stages=7), "--top-stages 7: 'tf_efficientnet_lite0' has 7 stages; choose 1 to 6"),
+    (dict(backbone="tf_efficientnet_lite0+tf_efficientnet_lite1"), "--mode top tunes one backbone's last stages"),
+])
+def test_top_mode_refuses_what_it_cannot_cut_before_work(small_digits, tmp_path, options, message):
+    from foldernet.errors import FoldernetError
+
+    with pytest.raises(FoldernetError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        foldernet.train(small_digits, out=tmp_path / "x", mode="top", **{**SMALL, **options})
     assert not (tmp_path / "x").exists()

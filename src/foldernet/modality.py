@@ -43,6 +43,9 @@ class Modality:
         return False
 
     supports_flip = False  # is a mirror image the same thing? (a photo: yes; a spectrogram reversed in time: no)
+    # --mode top caches the backbone's inner activations per input; a clip's windows are averaged only
+    # after the backbone, so sound would need them per window
+    supports_top_mode = False
 
     def file_findings(self, rel: str, fp: dict) -> list[tuple[str, dict]]:
         """Audit findings about one readable input from its fingerprint: (kind, entry) pairs."""
@@ -63,6 +66,7 @@ TOO_SHORT_SECONDS = 0.1
 class ImageModality(Modality):
     kind = "image"
     supports_flip = True
+    supports_top_mode = True
 
     def __init__(self):
         from .data import IMAGE_EXTENSIONS

@@ -142,8 +142,10 @@ TRAIN = [
     _p("backbone", str, "tf_efficientnet_lite0", BACKBONE_HELP, section="model"),
     _p("weights", Path, None, "local weights file for the backbone (.safetensors or a state_dict)", optional=True,
        exists=True, section="model"),
-    _p("mode", str, "head", "head: frozen backbone + linear head (fast); finetune: then the whole network with "
-       "progressive unfreezing", choices=("head", "finetune"), section="model"),
+    _p("mode", str, "head", "head: frozen backbone + linear head (fast); top: then also the backbone's last "
+       "stages, trained on their cached inputs (--top-stages; images, EfficientNet-family backbones; ~5x the "
+       "head's time); finetune: then the whole network with progressive unfreezing (slowest)",
+       choices=("head", "top", "finetune"), section="model"),
     _p("img_size", int, None, "input size in pixels (default: the backbone's)", 16, 1024, optional=True,
        section="model"),
     _p("engine", str, "onnx", "feature extraction: onnx (fast CPU path) or torch", choices=("onnx", "torch"),
@@ -167,19 +169,22 @@ TRAIN = [
     _p("min_precision", float, None, "'not sure' below the confidence at which the answers kept are right this "
        "often on val (e.g. 0.98): answer less, but be right more; the operating point is kept in the bundle",
        0, 1, low_open=True, high_open=True, optional=True, section="head"),
-    _p("views", int, 1, "head mode: train the head on this many views of each training item (1: the item "
+    _p("views", int, None, "head and top modes: train on this many views of each training item (1: the item "
        "itself; 2: also its mirror image; more: also random crops, small rotations and colour changes; for "
-       "sound, masked time and frequency bands); each view's features are cached", 1, 64, section="head"),
+       "sound, masked time and frequency bands); each view's features are cached (default 1; 3 in top mode)",
+       1, 64, optional=True, section="head"),
     _p("refit", bool, False, "head mode: once early stopping has chosen the epochs on val, train the head again "
        "on train + val (val figures stay those of the head that never saw val)", section="head"),
     # fine-tuning (mode finetune, or backbone scratch)
-    _p("epochs", int, None, "finetune: epochs (default 6; 20 for --backbone scratch); head mode: the same as "
+    _p("epochs", int, None, "finetune: epochs (default 6; 20 for --backbone scratch; 5 in top mode); head mode: the same as "
        "--max-epochs", 1, 100_000, optional=True, section="finetune"),
     _p("finetune_lr", float, None, "fine-tuning learning rate of the top layer (default 1e-4 pretrained, 3e-3 "
-       "scratch)", 0, 10, low_open=True, optional=True, section="finetune"),
+       "scratch, 3e-4 for the stages of --mode top)", 0, 10, low_open=True, optional=True, section="finetune"),
     _p("batch_size", int, 32, "fine-tuning batch size", 1, 4096, section="finetune"),
     _p("augment", str, "light", "fine-tuning augmentation", choices=("none", "light", "strong"),
        section="finetune"),
+    _p("top_stages", int, 2, "mode top: how many of the backbone's last stages train (lite0 has 7; 2 measured "
+       "best per second on clothing)", 1, 64, section="finetune"),
     _p("low_res_epochs", int, 0, "fine-tuning: train the first N epochs on images at 3/4 of the input size "
        "(cheaper steps), the rest at full size (images with --augment light or strong; "
        "ignored for sound)", 0, 100_000,
@@ -328,6 +333,9 @@ def _cross_checks(command: str, v: dict[str, Any]) -> None:
         from .models import check_ensemble
 
         check_ensemble(v["backbone"], v.get("weights"), command)
+    if v.get("mode") == "top" and v.get("backbone") and "+" in v["backbone"]:
+        raise FoldernetError(f"{command} --mode top tunes one backbone's last stages, not an ensemble "
+                             f"({v['backbone']}); use one backbone, or --mode head for the ensemble")
     epochs = v.get("epochs") or (20 if v.get("backbone") == "scratch" else 6)  # finetune.py's defaults
     if v.get("low_res_epochs") and v["low_res_epochs"] >= epochs:
         raise FoldernetError(f"{command} --low-res-epochs {v['low_res_epochs']} must be smaller than --epochs "

@@ -58,7 +58,7 @@ class HeadSpec:
     head_lr: float = 1e-3
     balance: str = "auto"
     min_precision: float | None = None
-    views: int = 1
+    views: int | None = None         # resolved: 1, or 3 in top mode
     refit: bool = False
     weight_decay: float = 1e-4
     batch_size: int = 64
@@ -77,6 +77,7 @@ class FinetuneSpec:
     keep_checkpoint: bool = False
     patience: int | None = None
     low_res_epochs: int = 0
+    top_stages: int = 2
 
 
 @dataclass(frozen=True)
@@ -155,12 +156,15 @@ class TrainSpec:
             ft = replace(ft, epochs=ft.epochs or (6 if pretrained else 20),
                          finetune_lr=ft.finetune_lr or (1e-4 if pretrained else 3e-3),
                          patience=ft.patience or (4 if pretrained else 8))
+        elif self.model.mode == "top":
+            ft = replace(ft, epochs=ft.epochs or 5, finetune_lr=ft.finetune_lr or 3e-4)
+        head = replace(self.head, views=self.head.views or (3 if self.model.mode == "top" else 1))
         from .models import canonical_name
 
         model = self.model
         if model.backbone != "scratch":
             model = replace(model, backbone=canonical_name(model.backbone))
-        return replace(self, finetune=ft, model=model)
+        return replace(self, finetune=ft, model=model, head=head)
 
     def with_options(self, **options: Any) -> "TrainSpec":
         """This spec with some options changed (validated like ``from_options``)."""

@@ -101,6 +101,11 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
         head = fit_head(feats.vectors, rows, spec, weights, bank=views.bank) if encoder.pretrained else None
         timings["train_head"] = time.perf_counter() - t
         head_history = head.history if head is not None else []
+        top_info = None
+        if spec.model.mode == "top":
+            t = time.perf_counter()
+            encoder, head, views, top_info = top_stage(encoder, head, ds, rows, spec, weights, feats)
+            timings["top"] = time.perf_counter() - t
         if spec.model.mode == "finetune":
             t = time.perf_counter()
             encoder, head = finetune_stage(encoder, head, ds, rows, spec, weights, tmp)
@@ -121,7 +126,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
                         **({"views": views.info} if views.info else {}), **({"plan": plan} if plan else {}),
                         "features": {"computed": feats.n_computed, "cached": feats.n_cached},
                         "skipped": skipped, **({"refit": refit} if refit else {}),
-                        **({"head_history": head_history} if spec.model.mode == "finetune" else {})})
+                        **({"head_history": head_history} if spec.model.mode != "head" else {}),
+                        **({"top": top_info} if top_info else {})})
         facts = {"label_map": label_map, "leaks": leaks, "balance": balance, "refit": refit}
         config = bundle_config(spec, encoder, ds, rows, heads["test"], thresholds, facts, metrics)
         timings["total"] = time.perf_counter() - t0
@@ -205,6 +211,13 @@ def build_encoder(ds: Dataset, spec: TrainSpec, verbose: bool = True) -> Encoder
         console.print("note: --spectrogram-stats applies to audio in head mode only; ignored here")
     encoder = Encoder.build(m.backbone, ds.kind, weights=m.weights, img_size=m.img_size,
                             audio=spec.audio.overrides(), paths=[it.path for it in ds.items], spectrogram_stats=stats)
+    if m.mode == "top":
+        if not kind.supports_top_mode:
+            raise FoldernetError(f"train --mode top is for images, not {ds.kind} (a clip's windows are averaged "
+                                 "after the backbone); use --mode head or --mode finetune")
+        from .top import check_splittable
+
+        check_splittable(encoder.model, spec.finetune.top_stages, encoder.name)
     note = kind.training_note(encoder.name, m.mode, stats)
     if note and verbose:
         console.print(note)
@@ -379,6 +392,26 @@ def finetune_stage(encoder: Encoder, head: LinearHead | None, ds: Dataset, rows:
     return encoder.with_model(net.backbone), tuned
 
 
+def top_stage(encoder: Encoder, head: LinearHead, ds: Dataset, rows: Rows, spec: TrainSpec,
+              weights: np.ndarray | None, feats) -> tuple[Encoder, LinearHead, Views, dict]:
+    """The backbone's last stages and the head, on cached activations of the frozen stages (top.py);
+    then every item's features (and, for --tta, the held-out mirror images) through the tuned network,
+    from the same cache."""
+    from .top import train_top
+
+    result = train_top(encoder, head, [it.path for it in ds.items], np.flatnonzero(rows.sel["train"]),
+                       np.flatnonzero(rows.sel["val"]), rows.y, views=spec.head.views,
+                       stages=spec.finetune.top_stages, epochs=spec.finetune.epochs, lr=spec.finetune.finetune_lr,
+                       class_weights=weights, mirror_held=spec.model.tta != "off" and modality(ds.kind).supports_flip,
+                       engine=spec.model.engine, seed=spec.split.seed, progress=spec.run.progress)
+    idx, vectors = result.vectors[0]
+    usable = feats.ok[idx]
+    feats.vectors[idx[usable]] = vectors[usable]
+    held = rows.sel["val"] | rows.sel["test"]
+    mirror = {int(i): v for i, v in zip(*result.vectors.get(1, ((), ()))) if held[i]}
+    return encoder, result.head, Views(mirror=mirror), result.info
+
+
 def choose_tta(encoder: Encoder, head: LinearHead, feats, ds: Dataset, rows: Rows, spec: TrainSpec, views: Views):
     """``--tta flip|auto``: features of the held-out items averaged with those of their mirror images
     (``views.mirror``). With auto it is kept only when it lowers the head's validation loss. Training
@@ -538,6 +571,13 @@ def bundle_config(spec: TrainSpec, encoder: Encoder, ds: Dataset, rows: Rows, he
                                 "batch_size": ft.batch_size, "layer_decay": LAYER_DECAY,
                                 "label_smoothing": FinetuneConfig.label_smoothing, "patience": ft.patience,
                                 "low_res_epochs": ft.low_res_epochs}
+    if spec.model.mode == "top":
+        from .top import TOP_BATCH, TOP_LABEL_SMOOTHING
+
+        ft = spec.finetune
+        training["top"] = {"stages": ft.top_stages, "views": spec.head.views, "epochs": ft.epochs,
+                           "lr": ft.finetune_lr, "batch_size": TOP_BATCH, "label_smoothing": TOP_LABEL_SMOOTHING,
+                           **{k: v for k, v in (metrics.get("top") or {}).items() if k == "kept_epoch"}}
     return BundleConfig(
         backbone=encoder.name, weights_source=encoder.backbone.weights_source, mode=spec.model.mode,
         labels=list(rows.labels), num_features=encoder.num_features, preprocess=encoder.preprocess,
