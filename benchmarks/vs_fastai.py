@@ -7,7 +7,7 @@ with ``item_tfms=Resize(224)`` and ``batch_tfms=aug_transforms()``, ``vision_lea
 machine cannot reach the hub), ``lr_find()`` and then ``fine_tune(3, base_lr=<the valley>)``.
 
 foldernet: the default ``foldernet train`` (nothing set), and ``--budget`` equal to fastai's mean wall
-time on that dataset. Both start cold: foldernet's feature and ONNX caches are empty for every run.
+time on that dataset; with ``--top`` also ``--mode top`` (the last two stages tuned on cached activations). Both start cold: foldernet's feature and ONNX caches are empty for every run.
 
 Datasets (``../shared/datasets``):
 - hymenoptera: its own train/val split, seeds 0..n-1 (fastai's seed sets its order, augmentation and init);
@@ -134,6 +134,8 @@ def main() -> int:
     ap.add_argument("--skip-fastai", action="store_true")
     ap.add_argument("--reuse", default=None, help="a log of an earlier run: its JSON rows (same dataset, seed and "
                                                   "tool) are taken instead of running again")
+    ap.add_argument("--top", action="store_true", help="also race `foldernet train --mode top` (the last two "
+                                                        "stages tuned on cached activations), cold, per seed")
     ap.add_argument("--budget", default=None, help="foldernet --budget for the budget row (default: fastai's mean "
                                                    "wall time on the dataset)")
     args = ap.parse_args()
@@ -172,6 +174,10 @@ def main() -> int:
                 os.environ["FOLDERNET_CACHE"] = str(tmp / f"cache-{name}-{seed}-default")  # cold
                 runs.append(run((name, seed, "foldernet train (default)"),
                                 lambda: run_foldernet(data, tmp / "run", seed, "foldernet train (default)")))
+                if args.top:
+                    os.environ["FOLDERNET_CACHE"] = str(tmp / f"cache-{name}-{seed}-top")  # cold
+                    runs.append(run((name, seed, "foldernet --mode top"),
+                                    lambda: run_foldernet(data, tmp / "run", seed, "foldernet --mode top", mode="top")))
             fastai_s = [r["wall_s"] for r in runs if r["tool"].startswith("fastai")]
             budget = args.budget or (f"{int(statistics.mean(fastai_s))}s" if fastai_s else None)
             for seed in range(n_seeds if budget else 0):

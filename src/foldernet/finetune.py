@@ -260,18 +260,20 @@ def _sampler(cfg: FinetuneConfig, train_ds, y_train: np.ndarray, n_classes: int,
     return torch.utils.data.RandomSampler(train_ds, generator=g)
 
 
-def _train_epoch(model, net, loader, opt, sched, loss_fn, cfg: FinetuneConfig, title: str, show: bool) -> tuple:
-    """One pass over the training data; BatchNorm statistics stay frozen for a pretrained backbone."""
+def train_epoch(model, batches, n_batches: int, opt, sched, loss_fn, title: str, show: bool,
+                freeze_bn: bool = True) -> float:
+    """One pass over ``batches`` of (inputs, labels); the mean loss. BatchNorm statistics stay frozen
+    with ``freeze_bn`` (a pretrained backbone). Shared by fine-tuning and ``--mode top``."""
     from torch import nn
 
-    net.train()
-    if cfg.freeze_bn and cfg.pretrained:
-        for m in net.modules():
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
     total_loss, seen = 0.0, 0
-    with progress_bar(len(loader), title, show) as bar:
-        for xs, ys in loader:
+    with progress_bar(n_batches, title, show) as bar:
+        for xs, ys in batches:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(_channels_last(xs)), ys)
             loss.backward()
@@ -382,8 +384,9 @@ def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], n
         loader = torch.utils.data.DataLoader(
             train_ds, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=False,
             sampler=_sampler(cfg, train_ds, y_train, net.head.out_features, epoch, rank, world))
-        train_loss = _train_epoch(model, net, loader, opt, sched, loss_fn, cfg,
-                                  f"epoch {epoch + 1}/{cfg.epochs} (stage {stage})", cfg.progress and rank == 0)
+        train_loss = train_epoch(model, loader, len(loader), opt, sched, loss_fn,
+                                 f"epoch {epoch + 1}/{cfg.epochs} (stage {stage})", cfg.progress and rank == 0,
+                                 freeze_bn=cfg.freeze_bn and cfg.pretrained)
         acc, f1, vloss = _validate(net, val_ds, y_val, cfg.batch_size)
         history.append({"epoch": len(history) + 1, "stage": stage, "train_size": size,
                         "train_loss": train_loss, "val_loss": vloss,

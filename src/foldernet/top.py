@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import FoldernetError
-from .progress import console, progress_bar
+from .progress import console
 
 TOP_BATCH = 64
 TOP_LABEL_SMOOTHING = 0.1
@@ -101,6 +101,7 @@ def train_top(encoder, head, paths: list, rows_train: np.ndarray, rows_val: np.n
     from sklearn.metrics import f1_score
     from torch import nn
 
+    from .finetune import train_epoch
     from .head import LinearHead
     from .models import state_digest
 
@@ -181,32 +182,23 @@ def train_top(encoder, head, paths: list, rows_train: np.ndarray, rows_val: np.n
     t_train = time.perf_counter()
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        net.train()
-        for m in net.modules():  # frozen batch-norm statistics
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
         order = torch.randperm(len(pool), generator=g).numpy()
         pick = torch.randint(0, 1 << 30, (len(pool),), generator=g).numpy()
-        total, seen = 0.0, 0
-        with progress_bar(steps, f"top epoch {epoch + 1}/{epochs}", progress) as bar:
+
+        def batches(order=order, pick=pick):
             for s in range(steps):
                 batch = order[s * TOP_BATCH:(s + 1) * TOP_BATCH]
                 chosen = [pool[i][pick[i] % len(pool[i])] for i in batch]
-                x = torch.from_numpy(np.stack([acts[v][1][r] for v, r in chosen])).float()
-                loss = loss_fn(net(x), y_train[batch])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(batch)
-                seen += len(batch)
-                bar.advance(1)
+                yield torch.from_numpy(np.stack([acts[v][1][r] for v, r in chosen])).float(), y_train[batch]
+
+        train_loss = train_epoch(net, batches(), steps, opt, sched, loss_fn, f"top epoch {epoch + 1}/{epochs}",
+                                 progress)
         acc, f1, vloss = validate()
         improved = not len(val_rows) or f1 > best_f1 + 1e-6
-        history.append({"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_loss": vloss, "val_acc": acc,
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": vloss, "val_acc": acc,
                         "val_macro_f1": f1, "lr": opt.param_groups[0]["lr"],
                         "seconds": round(time.perf_counter() - t0, 2)})
-        console.print(f"top epoch {epoch + 1}: train loss {total / max(seen, 1):.4f}  val acc {acc:.4f}  "
+        console.print(f"top epoch {epoch + 1}: train loss {train_loss:.4f}  val acc {acc:.4f}  "
                       f"val macro-F1 {f1:.4f}" + ("  (best)" if improved else ""), markup=False)
         if improved:
             best_f1 = f1 if len(val_rows) else best_f1
