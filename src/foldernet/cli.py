@@ -481,7 +481,7 @@ def similar(
 def compare(
     data: Path = typer.Argument(..., help="DATA/<class>/<images>"),
     backbones: str = typer.Option("tf_efficientnet_lite0,scratch", help="comma-separated timm names (or scratch)"),
-    modes: str = typer.Option("head", help="comma-separated: head, finetune"),
+    modes: str = typer.Option("head", help="comma-separated: head, top, finetune"),
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o"),
     epochs: Optional[int] = _opt("compare", "epochs"),
     img_size: Optional[int] = _opt("compare", "img_size"),
