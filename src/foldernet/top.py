@@ -60,8 +60,11 @@ def _parts(model, stages: int, size: int):
             super().__init__()
             self.conv_stem, self.bn1, self.blocks = model.conv_stem, model.bn1, model.blocks[:cut]
 
+        def unflattened(self, x):
+            return self.blocks(self.bn1(self.conv_stem(x)))
+
         def forward(self, x):
-            return self.blocks(self.bn1(self.conv_stem(x))).flatten(1)
+            return self.unflattened(x).flatten(1)
 
     class Top(nn.Module):
         def __init__(self, shape):
@@ -77,15 +80,14 @@ def _parts(model, stages: int, size: int):
 
     trunk = Trunk().eval()
     with torch.no_grad():
-        shape = trunk.blocks(trunk.bn1(trunk.conv_stem(torch.zeros(1, 3, size, size)))).shape[1:]
+        shape = trunk.unflattened(torch.zeros(1, 3, size, size)).shape[1:]
     return trunk, Top(shape)
 
 
 @dataclass
 class TopResult:
-    head: object                      # the tuned head.LinearHead
+    head: object                      # the tuned head.LinearHead; its ``history`` is the epochs'
     vectors: dict[int, tuple[np.ndarray, np.ndarray]]  # view -> (item indices, their pooled features)
-    history: list[dict]
     info: dict
 
 
@@ -94,9 +96,10 @@ def train_top(encoder, head, paths: list, rows_train: np.ndarray, rows_val: np.n
               mirror_held: bool = False, engine: str = "onnx", seed: int = 0, progress: bool = True) -> TopResult:
     """Tune the last ``stages`` stages of ``encoder.model`` (in place) and the head, from the head
     trained on frozen features; keep the epoch with the best validation macro-F1, or the untouched
-    network when no epoch beats it. ``paths``: every item; ``rows_train``/``rows_val``: their indices;
-    ``y``: every item's label. Returns the tuned head and the pooled features, through the tuned
-    network, of every item (view 0) and of every item's mirror image (view 1, for --tta)."""
+    network when no epoch beats it. ``paths``: every item; ``rows_train``/``rows_val``: indices into
+    them; ``y``: every item's label. Returns the tuned head and the pooled features, through the tuned
+    network, of every item (view 0) and of the mirror images (view 1: of the training items when
+    ``views`` >= 2, of the others with ``mirror_held``, for --tta)."""
     import torch
     from sklearn.metrics import f1_score
     from torch import nn
@@ -131,7 +134,7 @@ def train_top(encoder, head, paths: list, rows_train: np.ndarray, rows_val: np.n
     info["seconds"]["trunk"] = round(time.perf_counter() - t, 1)
     info["activation_bytes"] = int(sum(a.nbytes for _, a in acts.values()))
 
-    # the training pool: (view, row in that view's array, label) for every training item's views
+    # the training pool: per training item, (view, row in that view's activations) of each of its views
     pos = {v: {int(i): r for r, i in enumerate(idx)} for v, (idx, _) in acts.items()}
     pool = [[(v, pos[v][int(i)]) for v in range(views) if int(i) in pos.get(v, {})] for i in rows_train]
     keep = np.array([bool(p) for p in pool])
@@ -215,4 +218,4 @@ def train_top(encoder, head, paths: list, rows_train: np.ndarray, rows_val: np.n
     vectors = {v: (acts[v][0], features(v, np.arange(len(acts[v][0])))) for v in acts if v <= 1}
     tuned_head = LinearHead.from_torch(net[2])
     tuned_head.history = history
-    return TopResult(head=tuned_head, vectors=vectors, history=history, info=info)
+    return TopResult(head=tuned_head, vectors=vectors, info=info)

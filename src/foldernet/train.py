@@ -577,7 +577,7 @@ def bundle_config(spec: TrainSpec, encoder: Encoder, ds: Dataset, rows: Rows, he
         ft = spec.finetune
         training["top"] = {"stages": ft.top_stages, "views": spec.head.views, "epochs": ft.epochs,
                            "lr": ft.finetune_lr, "batch_size": TOP_BATCH, "label_smoothing": TOP_LABEL_SMOOTHING,
-                           **{k: v for k, v in (metrics.get("top") or {}).items() if k == "kept_epoch"}}
+                           "kept_epoch": metrics["top"]["kept_epoch"]}
     return BundleConfig(
         backbone=encoder.name, weights_source=encoder.backbone.weights_source, mode=spec.model.mode,
         labels=list(rows.labels), num_features=encoder.num_features, preprocess=encoder.preprocess,
