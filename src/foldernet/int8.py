@@ -23,11 +23,11 @@ from .progress import console, progress_bar
 
 INT8_MIN_AGREEMENT = 0.99
 
-# Plans tried in order, fastest first: how many leading stages stay in fp32. Measured on lite0
-# (benchmarks/inference.py, 2 cores, b32): all int8 2.3x fp32, stem + first stage fp32 2.1x, stem +
-# two stages 1.9x. The early layers see the raw signal through few channels, and per-tensor
-# activation scales lose the most there (the demo digits: 3 of 76 top-1 answers flip with all
-# layers int8, none with the first two stages in fp32).
+# Plans tried in order, fastest first: how many leading stages stay in fp32 (stem, blocks.0, ...).
+# Measured on lite0 (benchmarks/int8_sensitivity.py, demo digits, 2 cores, b32): all int8 ~2.2x fp32,
+# stem + first two stages fp32 ~1.45x. The early layers see the raw signal through few channels and
+# per-tensor activation scales lose the most there (quantised alone, the stem flipped 7 of 142 answers,
+# blocks.1 10, each later stage 0-2); they are also high-resolution, so keeping them fp32 costs the most.
 INT8_PLANS = (0, 2, 3)
 INT8_SELECT_AGREEMENT = 0.995
 
