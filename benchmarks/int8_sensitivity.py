@@ -42,7 +42,6 @@ def main() -> int:
                                                              "ONNX Runtime: minmax,percentile,entropy")
     args = ap.parse_args()
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     import foldernet
     from foldernet import int8
@@ -88,15 +87,10 @@ def main() -> int:
                              "speedup": round(throughput(sess, held[:32]) / base_speed, 2)})
                 print(rows[-1], flush=True)
 
-            methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                       "entropy": CalibrationMethod.Entropy}
+            methods = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
             for method in args.calibration.split(","):
-                out = tmp / f"{name}-{method}.onnx"
-                batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
-                quantize_static(str(prep), str(out), int8._Calibration(batches, "input"), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=methods[method], nodes_to_exclude=int8.head_nodes(int8._graph(prep)))
-                score(f"all int8, {method} calibration", out)
+                score(f"all int8, {method} calibration", int8.quantize_int8(
+                    fp32, tmp / f"{name}-{method}.onnx", calib, prepared_path=prep, calibration=methods[method]))
             for i, stage in enumerate(names):
                 others = [n for j, g in enumerate(groups) if j != i for n in g]
                 score(f"only {stage} int8", int8.quantize_int8(fp32, tmp / "only.onnx", calib, keep_fp32=others,

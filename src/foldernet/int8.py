@@ -106,9 +106,10 @@ def prepared(fp32: Path, work: Path) -> Path:
 
 
 def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, keep_fp32: list[str] | tuple = (),
-                  prepared_path: Path | None = None) -> Path:
-    """Static int8 (QDQ, per-channel weights, MinMax activations calibrated on ``calib``); the head
-    and the nodes named in ``keep_fp32`` stay fp32."""
+                  prepared_path: Path | None = None, calibration: str = "MinMax") -> Path:
+    """Static int8 (QDQ, per-channel weights, activations calibrated on ``calib`` by ONNX Runtime's
+    ``calibration`` method: MinMax, as the export uses, or Percentile or Entropy); the head and the
+    nodes named in ``keep_fp32`` stay fp32."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     src = prepared_path or prepared(fp32, out.parent)
@@ -116,7 +117,7 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, keep_fp32: list[str]
     try:
         quantize_static(str(src), str(out), _Calibration(batches, "input"), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
+                        calibrate_method=CalibrationMethod[calibration],
                         nodes_to_exclude=list(keep_fp32) + head_nodes(_graph(src)))
     finally:
         if prepared_path is None and src != fp32:
