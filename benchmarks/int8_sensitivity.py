@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,27 +26,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import dataset, print_table  # noqa: E402
 
 
-def throughput(session, batch: np.ndarray, repeats: int = 5) -> float:
-    session.run(["logits"], {"input": batch})
-    t = time.perf_counter()
-    for _ in range(repeats):
-        session.run(["logits"], {"input": batch})
-    return repeats * len(batch) / (time.perf_counter() - t)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--datasets", default="demo")
     ap.add_argument("--calibration", default="minmax", help="also compare whole-network calibration methods of "
                                                              "ONNX Runtime: minmax,percentile,entropy")
     args = ap.parse_args()
-    import onnxruntime as ort
-
     import foldernet
     from foldernet import int8
     from foldernet.calibration import softmax
     from foldernet.demo import write_digits
-    from foldernet.export import _sample, split_files
+    from foldernet.export import _sample, _throughput, split_files
+    from foldernet.onnx_predictor import OnnxClassifier
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="foldernet-int8-") as tmp:
@@ -60,17 +50,16 @@ def main() -> int:
             run = foldernet.train(data, out=tmp / name, progress=False).run_dir
             foldernet.export(run)
             fp32 = run / "export" / "model.onnx"
-            clf = foldernet.load(run, engine="onnx", use_cache=False)
+            clf = OnnxClassifier(fp32)  # the export's own reader: its preprocessing, temperature and run()
             _, splits = split_files(run / "model")
-            pixels = lambda files: np.concatenate([clf.extractor.pixels(p) for p in files])  # noqa: E731
+            pixels = lambda files: np.concatenate([clf.pixels(p) for p in files])  # noqa: E731
             calib = pixels(_sample(splits["train"], 128))
             held = pixels([p for s in ("val", "test") for p in splits.get(s, [])])
-            temperature = clf.temperature
-            ref = ort.InferenceSession(str(fp32)).run(["logits"], {"input": held})[0]
-            p_ref = softmax(ref / temperature)
+            ref = clf.run(held)["logits"]
+            p_ref = softmax(ref / clf.temperature)
             top2 = np.sort(p_ref, 1)[:, -2:]
             margin = top2[:, 1] - top2[:, 0]
-            base_speed = throughput(ort.InferenceSession(str(fp32)), held[:32])
+            base_speed = _throughput(clf, held[:32])
             for cut in (0.02, 0.05, 0.1):
                 rows.append({"dataset": name, "variant": f"fp32 top-2 margin < {cut}", "held_out": len(held),
                              "flipped": int((margin < cut).sum())})
@@ -79,12 +68,12 @@ def main() -> int:
             names = ["stem"] + [f"blocks.{i}" for i in range(len(groups) - 2)] + ["conv_head"]
 
             def score(variant: str, out: Path) -> None:
-                sess = ort.InferenceSession(str(out))
-                got = sess.run(["logits"], {"input": held})[0]
+                q = OnnxClassifier(out)
+                got = q.run(held)["logits"]
                 rows.append({"dataset": name, "variant": variant, "held_out": len(held),
                              "flipped": int((got.argmax(1) != ref.argmax(1)).sum()),
-                             "mean_abs_dprob": round(float(np.abs(softmax(got / temperature) - p_ref).mean()), 5),
-                             "speedup": round(throughput(sess, held[:32]) / base_speed, 2)})
+                             "mean_abs_dprob": round(float(np.abs(softmax(got / clf.temperature) - p_ref).mean()), 5),
+                             "speedup": round(_throughput(q, held[:32]) / base_speed, 2)})
                 print(rows[-1], flush=True)
 
             methods = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}

@@ -7,7 +7,8 @@ with ``item_tfms=Resize(224)`` and ``batch_tfms=aug_transforms()``, ``vision_lea
 machine cannot reach the hub), ``lr_find()`` and then ``fine_tune(3, base_lr=<the valley>)``.
 
 foldernet: the default ``foldernet train`` (nothing set), and ``--budget`` equal to fastai's mean wall
-time on that dataset; with ``--top`` also ``--mode top`` (the last two stages tuned on cached activations). Both start cold: foldernet's feature and ONNX caches are empty for every run.
+time on that dataset; with ``--top`` also ``--mode top`` (the last two stages tuned on cached
+activations). All start cold: foldernet's feature and ONNX caches are empty for every run.
 
 Datasets (``../shared/datasets``):
 - hymenoptera: its own train/val split, seeds 0..n-1 (fastai's seed sets its order, augmentation and init);
