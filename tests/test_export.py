@@ -191,6 +191,43 @@ def test_distillation_tunes_a_copy_toward_int8_without_changing_its_answers(smal
     assert same >= 0.95, same
 
 
+def test_equalisation_keeps_the_function_and_evens_the_channel_ranges(small_run):
+    """The equalised copy gives the same outputs on the calibration rows (it is a rescaling, exact
+    below the ReLU6 clip), the original is untouched, and in every activation that feeds a depthwise
+    conv the channels now use more of the tensor's one int8 range."""
+    import torch
+
+    from foldernet.bundle import load
+    from foldernet.export import _full_model, split_files
+    from foldernet.int8 import equalise, equalise_pairs
+    from foldernet.modality import source_pixels
+
+    clf = load(small_run.run_dir, engine="torch", use_cache=False)
+    _, splits = split_files(small_run.run_dir / "model")
+    rows = np.concatenate([source_pixels(p, clf.preprocess, None) for p in splits["train"][:64]])
+    module = _full_model(clf)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    equalised, info = equalise(module, rows)
+    assert info["pairs"] == len(equalise_pairs(module)) > 10  # lite0: the stem and each inverted residual
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+    def channel_use(net) -> list[float]:
+        """Per pair: the median channel's share of the tensor's range on ``rows``."""
+        highs = {}
+        hooks = [bn.register_forward_hook(lambda m, i, o, k=k: highs.__setitem__(k, o.amax((0, 2, 3))))
+                 for k, (bn, _) in enumerate(equalise_pairs(net))]
+        with torch.no_grad():
+            out = net(torch.from_numpy(rows))
+        for h in hooks:
+            h.remove()
+        return out, [float(h.median() / h.max()) for _, h in sorted(highs.items())]
+
+    out0, use0 = channel_use(module)
+    out1, use1 = channel_use(equalised)
+    assert torch.allclose(out0[2], out1[2], atol=1e-3, rtol=1e-3)  # the logits
+    assert all(b >= a - 1e-6 for a, b in zip(use0, use1)) and sum(use1) > sum(use0) * 1.1, (use0, use1)
+
+
 def test_export_int8_distill_always_tries_only_distilled_plans(small_run, tmp_path):
     from foldernet.export import export
 

@@ -4,8 +4,8 @@ Formats: ONNX (servers, ONNX Runtime), TFLite (LiteRT: Android, embedded) and Co
 last two with the ``mobile`` extra. The parity check runs on the bundle's held-out split: the fp32
 file must give the same top-1 as the PyTorch model on every image, or the export fails loudly. An
 int8 file (static quantisation, calibrated on training images; the fastest of a few plans that
-keep the first stages in fp32, chosen by agreement on a selection split, on weights distilled for
-int8 when no plan agrees as they are: see ``int8.py``) is written only when it agrees on >= 99 %
+keep the first stages in fp32, chosen by agreement on a selection split, on weights equalised
+for per-tensor scales and, when no plan agrees, distilled for int8: see ``int8.py``) is written only when it agrees on >= 99 %
 and is faster here, or when the user asks for the smaller file. The numbers land
 in ``parity*.json`` either way, and ``report.md`` tabulates size, agreement and speed.
 """
@@ -24,8 +24,8 @@ from . import __version__
 from .bundle import find_model_dir, load
 from .errors import FoldernetError
 from .io import MARKER, atomic_write_bytes, atomic_write_json, marker_kind, write_marker
-from .int8 import (INT8_MIN_AGREEMENT, INT8_PLANS, INT8_SELECT_AGREEMENT, distill, plan_name, prepared,
-                   quantize_int8, stage_groups)
+from .int8 import (INT8_MIN_AGREEMENT, INT8_PLANS, INT8_SELECT_AGREEMENT, distill, equalise, plan_name,
+                   prepared, quantize_int8, stage_groups)
 from .progress import console
 
 def _full_model(clf):
@@ -150,6 +150,22 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, data: s
     return report
 
 
+def write_onnx(module, size: int, path: Path, meta: dict) -> Path:
+    """``module`` (backbone -> head -> calibrated probabilities) as an ONNX file at ``path`` with the
+    bundle's metadata (labels, preprocessing, ...) that ``OnnxClassifier`` reads."""
+    import onnx
+
+    from .features import export_onnx
+
+    export_onnx(module, size, path, output_names=["probabilities", "features", "logits"])
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key="foldernet", value=json.dumps(meta, ensure_ascii=False))
+    proto.producer_name = "foldernet"
+    atomic_write_bytes(path, proto.SerializeToString())
+    return path
+
+
 class _Job:
     """One export: the bundle, the held-out files and PyTorch's answers on them, shared by the
     fp32 file, its parity check and the int8 search."""
@@ -239,9 +255,9 @@ class _Job:
         report, predictor, bench = self.check_fp32("onnx", "ONNX", tmp, OnnxClassifier, time.perf_counter() - t)
         if int8:
             def make(k: int, calib: np.ndarray, work: Path, state: dict):
-                tag = "d" if state.get("module") is not None else ""
+                tag = state["tag"]
                 if "path" not in state:  # the fp32 graph this round quantises, pre-processed once
-                    src = self.target if not tag else self.write_onnx(state["module"], work / "distilled.onnx")
+                    src = self.write_onnx(state["module"], work / f"round{tag}.onnx")
                     state["path"] = prepared(src, work)
                     state["groups"] = stage_groups(state["path"])
                 groups = state["groups"]
@@ -256,18 +272,7 @@ class _Job:
         return report
 
     def write_onnx(self, module, path: Path) -> Path:
-        """``module`` as an ONNX file with the bundle's metadata (labels, preprocessing, ...)."""
-        import onnx
-
-        from .features import export_onnx
-
-        export_onnx(module, self.size, path, output_names=["probabilities", "features", "logits"])
-        proto = onnx.load(str(path))
-        del proto.metadata_props[:]
-        proto.metadata_props.add(key="foldernet", value=json.dumps(self.meta, ensure_ascii=False))
-        proto.producer_name = "foldernet"
-        atomic_write_bytes(path, proto.SerializeToString())
-        return path
+        return write_onnx(module, self.size, path, self.meta)
 
     # --- TFLite ---
 
@@ -285,10 +290,10 @@ class _Job:
             def make(k: int, calib: np.ndarray, work: Path, state: dict):
                 from .mobile import _stages
 
-                net = state.get("module") or module
+                net = state["module"]
                 if k and k >= len(_stages(net)):
                     return None
-                cand = work / f"plan{k}{'d' if net is not module else ''}.tflite"
+                cand = work / f"plan{k}{state['tag']}.tflite"
                 atomic_write_bytes(cand, with_metadata(convert_tflite(net, self.size, calib[:128], k), self.meta))
                 return cand, TFLiteClassifier(cand)
 
@@ -361,6 +366,8 @@ class _Job:
 
         work = Path(tempfile.mkdtemp(prefix=".int8.", dir=self.out))
         tried, best, distilled_info = [], None, None
+        # every round quantises the equalised copy: the same function in fp32, rounded better in int8
+        equalised, equalised_info = equalise(module, calib)
         rounds = {"never": (False,), "auto": (False, True), "always": (True,)}[self.distill_mode]
 
         def better(k: int, agree: float) -> bool:
@@ -377,11 +384,12 @@ class _Job:
                 plans = [k for k in INT8_PLANS if best is None or best[1] < INT8_SELECT_AGREEMENT or k < best[3]]
                 if not plans:
                     break
-                state: dict = {}
+                state: dict = {"module": equalised, "tag": "e"}
                 if distilled:
                     t = time.perf_counter()
                     rows = np.concatenate([fp32_predictor.pixels(p) for p in _sample(train, 512)])[:1024]
-                    state["module"], distilled_info = distill(module, rows, calib)
+                    state["module"], distilled_info = distill(equalised, rows, calib)
+                    state["tag"] = "d"
                     distilled_info["seconds"] = round(time.perf_counter() - t, 1)
                 for k in plans:
                     made = make(k, calib, work, state)
@@ -427,7 +435,7 @@ class _Job:
                 "single_ms": single_ms, "size_mb": round(size8, 2), "fp32_size_mb": round(size32, 2), "kept": keep,
                 "reason": reason, "path": path8.name if keep else None, "plan": chosen,
                 "plans_tried": tried, "selection_split": select_split, "calibration_images": len(calib_files),
-                "distillation": distilled_info, **answered}
+                "equalisation": equalised_info, "distillation": distilled_info, **answered}
 
 
 def _sample(files: list[Path], n: int, seed: int = 0) -> list[Path]:

@@ -1,15 +1,16 @@
-"""Static int8 for ONNX Runtime, and the distillation that makes a network agree with itself in int8.
+"""Static int8 for ONNX Runtime, and what makes a network agree with itself in int8.
 
 Post-training quantisation rounds every weight and activation to 8 bits; on a small head that
-separates close classes, that flips a few answers in a hundred. Two remedies, tried in this order
-by ``export --int8``: plans that keep the first stages (where per-tensor scales lose the most) in
-fp32, and, when none agrees, a short distillation: the network is tuned for a few dozen steps to
-reproduce its own fp32 logits while int8 rounding is simulated in its forward pass (weights per
-output channel, activations per tensor with the ranges ONNX Runtime's calibration will find), so
-the int8 file made from the tuned weights answers like the original. The head (a linear layer on
-the pooled features) and the outputs stay fp32 in every plan: they cost nothing and carry the
-margins between classes.
-"""
+separates close classes, that flips a few answers in a hundred. Three remedies, in the order
+``export --int8`` uses them: equalisation (every activation that feeds a depthwise conv is rescaled
+per channel so that one per-tensor scale fits all its channels, the depthwise conv undoing the scale:
+the same function in fp32, rounded better in int8); plans that keep the first stages (where per-tensor
+scales lose the most) in fp32; and, when no plan agrees, a short distillation: the network is tuned
+for a few dozen steps to reproduce its own fp32 logits while int8 rounding is simulated in its forward
+pass (weights per output channel, activations per tensor with the ranges ONNX Runtime's calibration
+will find), so the int8 file made from the tuned weights answers like the original. The head (a
+linear layer on the pooled features) and the outputs stay fp32 in every plan: they cost nothing and
+carry the margins between classes."""
 
 from __future__ import annotations
 
@@ -123,6 +124,81 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, keep_fp32: list[str]
         if prepared_path is None and src != fp32:
             shutil.rmtree(src.parent, ignore_errors=True)  # the temporary folder prepared() made
     return out
+
+
+# Equalisation, measured on the demo digits (lite0, 142 held-out images): all int8 flipped 8 answers,
+# 3 after equalising (benchmarks/int8_sensitivity.py); the fp32 answers are unchanged.
+EQUALISE_MAX_SCALE = 32.0
+
+
+def equalise_pairs(net) -> list[tuple]:
+    """(batch norm with a ReLU/ReLU6, the depthwise conv that reads its output) in every EfficientNet/
+    MobileNet-style trunk of ``net``: the stem's activation and the first depthwise conv, and in each
+    inverted residual block the expansion's activation and its depthwise conv."""
+    from torch import nn
+
+    def relu_bn(bn) -> bool:
+        return isinstance(bn, nn.BatchNorm2d) and bn.affine and isinstance(getattr(bn, "act", None), (nn.ReLU, nn.ReLU6))
+
+    def depthwise(conv, channels: int) -> bool:
+        return isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels == channels
+
+    pairs = []
+    for trunk in net.modules():
+        blocks = [b for stage in getattr(trunk, "blocks", ()) if isinstance(stage, nn.Sequential) for b in stage]
+        if not blocks or not hasattr(trunk, "conv_stem"):
+            continue
+        first = blocks[0]
+        if relu_bn(getattr(trunk, "bn1", None)) and not hasattr(first, "conv_pwl") and \
+                depthwise(getattr(first, "conv_dw", None), trunk.bn1.num_features):
+            pairs.append((trunk.bn1, first.conv_dw))
+        for b in blocks:
+            if hasattr(b, "conv_pwl") and relu_bn(getattr(b, "bn1", None)) and \
+                    depthwise(getattr(b, "conv_dw", None), b.bn1.num_features):
+                pairs.append((b.bn1, b.conv_dw))
+    return pairs
+
+
+def equalise(module, calib: np.ndarray):
+    """A copy of ``module`` that computes the same function but rounds better in int8: each activation
+    that feeds a depthwise conv is quantised with one scale for all its channels, so a channel whose
+    values stay small keeps only a few of the 256 levels. Each such channel is multiplied (through its
+    batch norm) by ``max over channels / its own max`` on ``calib``, capped, and the depthwise conv
+    divides by the same factor: ReLU and ReLU6 commute with a positive scale below the clip, and the
+    depthwise weights are quantised per channel, so nothing is lost there (cross-layer equalisation,
+    Nagel et al. 2019, on the pairs where it is exact). Returns the copy and how many pairs it scaled."""
+    import copy
+
+    import torch
+
+    net = copy.deepcopy(module).eval()
+    pairs = equalise_pairs(net)
+    if not pairs:
+        return net, {"pairs": 0}
+    highs = [torch.zeros(bn.num_features) for bn, _ in pairs]
+
+    def observe(k):
+        def hook(_mod, _inp, out):
+            highs[k] = torch.maximum(highs[k], out.detach().amax((0, 2, 3)))
+        return hook
+
+    hooks = [bn.register_forward_hook(observe(k)) for k, (bn, _) in enumerate(pairs)]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(calib), 32):
+                net(torch.from_numpy(np.ascontiguousarray(calib[i:i + 32], np.float32)))
+    finally:
+        for h in hooks:
+            h.remove()
+    scales = []
+    with torch.no_grad():
+        for (bn, conv), high in zip(pairs, highs):
+            s = (high.max() / high.clamp_min(1e-6)).clamp(1.0, EQUALISE_MAX_SCALE)
+            bn.weight.mul_(s)
+            bn.bias.mul_(s)
+            conv.weight.div_(s.view(-1, 1, 1, 1))
+            scales.append(float(s.median()))
+    return net, {"pairs": len(pairs), "median_scale": round(float(np.median(scales)), 3)}
 
 
 # Distillation: measured on the clothing bundle (lite0, 341 validation images): post-training int8
