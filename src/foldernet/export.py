@@ -4,9 +4,9 @@ Formats: ONNX (servers, ONNX Runtime), TFLite (LiteRT: Android, embedded) and Co
 last two with the ``mobile`` extra. The parity check runs on the bundle's held-out split: the fp32
 file must give the same top-1 as the PyTorch model on every image, or the export fails loudly. An
 int8 file (static quantisation, calibrated on training images; the fastest of a few plans that
-keep the first stages in fp32, chosen by agreement on a selection split, on weights equalised
-for per-tensor scales and, when no plan agrees, distilled for int8: see ``int8.py``) is written only when it agrees on >= 99 %
-and is faster here, or when the user asks for the smaller file. The numbers land
+keep the first stages in fp32, chosen by agreement on a selection split, on weights equalised for
+per-tensor scales and, when no plan agrees, distilled for int8: see ``int8.py``) is written only
+when it agrees on >= 99 % and is faster here, or when the user asks for the smaller file. The numbers land
 in ``parity*.json`` either way, and ``report.md`` tabulates size, agreement and speed.
 """
 
