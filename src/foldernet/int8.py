@@ -139,7 +139,8 @@ def equalise_pairs(net) -> list[tuple]:
     from torch import nn
 
     def relu_bn(bn) -> bool:
-        return isinstance(bn, nn.BatchNorm2d) and bn.affine and isinstance(getattr(bn, "act", None), (nn.ReLU, nn.ReLU6))
+        act = getattr(bn, "act", None)
+        return isinstance(bn, nn.BatchNorm2d) and bn.affine and isinstance(act, (nn.ReLU, nn.ReLU6))
 
     def depthwise(conv, channels: int) -> bool:
         return isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels == channels
