@@ -36,9 +36,9 @@ def main() -> int:
     args = ap.parse_args()
     import foldernet
     from foldernet import int8
+    from foldernet.bundle import load
     from foldernet.calibration import softmax
     from foldernet.demo import write_digits
-    from foldernet.bundle import load
     from foldernet.export import _full_model, _metadata, _sample, _throughput, split_files, write_onnx
     from foldernet.onnx_predictor import OnnxClassifier
 

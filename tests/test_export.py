@@ -211,8 +211,8 @@ def test_equalisation_keeps_the_function_and_evens_the_channel_ranges(small_run)
     assert info["pairs"] == len(equalise_pairs(module)) > 10  # lite0: the stem and each inverted residual
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
-    def channel_use(net) -> list[float]:
-        """Per pair: the median channel's share of the tensor's range on ``rows``."""
+    def channel_use(net) -> tuple:
+        """The network's outputs on ``rows`` and, per pair, the median channel's share of the tensor's range."""
         highs = {}
         hooks = [bn.register_forward_hook(lambda m, i, o, k=k: highs.__setitem__(k, o.amax((0, 2, 3))))
                  for k, (bn, _) in enumerate(equalise_pairs(net))]

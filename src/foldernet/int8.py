@@ -132,6 +132,22 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, keep_fp32: list[str]
 EQUALISE_MAX_SCALE = 32.0
 
 
+def _observe(net, calib: np.ndarray, modules: list, record) -> None:
+    """Run the calibration rows through ``net`` (batches of 32, no gradients) with ``record(k, output)``
+    called on every output of ``modules[k]``: how equalisation and distillation read activation ranges."""
+    import torch
+
+    hooks = [m.register_forward_hook(lambda _mod, _inp, out, k=k: record(k, out.detach()))
+             for k, m in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(calib), 32):
+                net(torch.from_numpy(np.ascontiguousarray(calib[i:i + 32], np.float32)))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def equalise_pairs(net) -> list[tuple]:
     """(batch norm with a ReLU/ReLU6, the depthwise conv that reads its output) in every EfficientNet/
     MobileNet-style trunk of ``net``: the stem's activation and the first depthwise conv, and in each
@@ -179,19 +195,10 @@ def equalise(module, calib: np.ndarray):
         return net, {"pairs": 0}
     highs = [torch.zeros(bn.num_features) for bn, _ in pairs]
 
-    def observe(k):
-        def hook(_mod, _inp, out):
-            highs[k] = torch.maximum(highs[k], out.detach().amax((0, 2, 3)))
-        return hook
+    def record(k, out):
+        highs[k] = torch.maximum(highs[k], out.amax((0, 2, 3)))
 
-    hooks = [bn.register_forward_hook(observe(k)) for k, (bn, _) in enumerate(pairs)]
-    try:
-        with torch.no_grad():
-            for i in range(0, len(calib), 32):
-                net(torch.from_numpy(np.ascontiguousarray(calib[i:i + 32], np.float32)))
-    finally:
-        for h in hooks:
-            h.remove()
+    _observe(net, calib, [bn for bn, _ in pairs], record)
     scales = []
     with torch.no_grad():
         for (bn, conv), high in zip(pairs, highs):
@@ -255,16 +262,11 @@ def distill(module, pixels: np.ndarray, calib: np.ndarray, steps: int = DISTILL_
     points = _activation_points(student.backbone)
     ranges = {id(m): [0.0, 0.0] for m in points}  # the calibration always includes 0, as ORT's does
 
-    def observe(mod, _inp, out):
-        r = ranges[id(mod)]
+    def record(k, out):
+        r = ranges[id(points[k])]
         r[0], r[1] = min(r[0], float(out.min())), max(r[1], float(out.max()))
 
-    hooks = [m.register_forward_hook(observe) for m in points]
-    with torch.no_grad():
-        for i in range(0, len(calib), 32):
-            student(torch.from_numpy(np.ascontiguousarray(calib[i:i + 32], np.float32)))
-    for h in hooks:
-        h.remove()
+    _observe(student, calib, points, record)
 
     def fake_quant(mod, _inp, out):
         lo, hi = ranges[id(mod)]
