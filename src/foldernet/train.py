@@ -86,7 +86,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
         t = time.perf_counter()
         encoder = build_encoder(ds, spec, verbose=rank == 0)
         timings["load_backbone"] = time.perf_counter() - t
-        feats, skipped = extract_features(encoder, ds, spec)
+        feats, skipped, view0 = extract_features(encoder, ds, spec)
         timings["features"] = feats.seconds
         leaks = split_and_check(ds, feats, spec, data)
         rows = label_rows(ds, feats.ok)
@@ -104,7 +104,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
         top_info = None
         if spec.model.mode == "top":
             t = time.perf_counter()
-            encoder, head, views, top_info = top_stage(encoder, head, ds, rows, spec, weights, feats)
+            encoder, head, views, top_info = top_stage(encoder, head, ds, rows, spec, weights, feats, view0)
+            view0 = None  # the activations (hundreds of MB on a few thousand images) are not needed again
             timings["top"] = time.perf_counter() - t
         if spec.model.mode == "finetune":
             t = time.perf_counter()
@@ -226,9 +227,17 @@ def build_encoder(ds: Dataset, spec: TrainSpec, verbose: bool = True) -> Encoder
 
 def extract_features(encoder: Encoder, ds: Dataset, spec: TrainSpec):
     """Features of every item (cached by content); unreadable items, and those the modality says to
-    leave out (placeholder images), are marked not ok and listed with the reason."""
-    feats = encoder.extractor(spec.model.engine, spec.run.use_cache)(
-        [it.path for it in ds.items], desc="extract features", progress=spec.run.progress)
+    leave out (placeholder images), are marked not ok and listed with the reason. Returns (features,
+    skipped, view0): in top mode the same pass also yields the trunk's activations (``view0``)."""
+    view0 = None
+    paths = [it.path for it in ds.items]
+    if spec.model.mode == "top":
+        from .top import first_pass
+
+        feats, view0 = first_pass(encoder, spec.finetune.top_stages, paths, spec.model.engine, spec.run.progress)
+    else:
+        feats = encoder.extractor(spec.model.engine, spec.run.use_cache)(
+            paths, desc="extract features", progress=spec.run.progress)
     skipped = list(ds.skipped) + [(ds.items[i].relpath, r) for i, r in sorted(feats.errors.items())]
     if not spec.split.keep_placeholders:
         kind = modality(ds.kind)
@@ -239,7 +248,7 @@ def extract_features(encoder: Encoder, ds: Dataset, spec: TrainSpec):
                 skipped.append((ds.items[i].relpath, reason))
     for rel, reason in skipped:
         console.print(Text("skipped ", style="yellow") + Text(f"{rel}: {reason}"))
-    return feats, skipped
+    return feats, skipped, view0
 
 
 def split_and_check(ds: Dataset, feats, spec: TrainSpec, data: Path) -> list[tuple[str, str]]:
@@ -393,7 +402,8 @@ def finetune_stage(encoder: Encoder, head: LinearHead | None, ds: Dataset, rows:
 
 
 def top_stage(encoder: Encoder, head: LinearHead, ds: Dataset, rows: Rows, spec: TrainSpec,
-              weights: np.ndarray | None, feats) -> tuple[Encoder, LinearHead, Views, dict]:
+              weights: np.ndarray | None, feats, view0: np.ndarray | None = None
+              ) -> tuple[Encoder, LinearHead, Views, dict]:
     """The backbone's last stages and the head, on cached activations of the frozen stages (top.py);
     then every item's features (and, for --tta, the held-out mirror images) through the tuned network,
     from the same cache."""
@@ -403,7 +413,8 @@ def top_stage(encoder: Encoder, head: LinearHead, ds: Dataset, rows: Rows, spec:
                        np.flatnonzero(rows.sel["val"]), rows.y, views=spec.head.views,
                        stages=spec.finetune.top_stages, epochs=spec.finetune.epochs, lr=spec.finetune.finetune_lr,
                        class_weights=weights, mirror_held=spec.model.tta != "off" and modality(ds.kind).supports_flip,
-                       engine=spec.model.engine, seed=spec.split.seed, progress=spec.run.progress)
+                       engine=spec.model.engine, seed=spec.split.seed, progress=spec.run.progress,
+                       view0=(np.flatnonzero(feats.ok), view0[feats.ok]) if view0 is not None else None)
     idx, vectors = result.vectors[0]
     usable = feats.ok[idx]
     feats.vectors[idx[usable]] = vectors[usable]
