@@ -169,6 +169,10 @@ def test_top_mode_tunes_the_last_stages_on_cached_activations(small_digits, tmp_
     assert info["stages"] == 2 and info["views"] == 3 and info["kept_epoch"] >= 1
     assert len(tuned.metrics["history"]) == 8 and tuned.metrics["head_history"]
     assert tuned.config["training"]["top"]["stages"] == 2 and tuned.metrics["tta"]["val_loss_flip"] > 0
+    # top mode's frozen features come from its one pass over the files (with the trunk's activations):
+    # the head it fits on them before tuning learns exactly as head mode's head did
+    np.testing.assert_allclose([e["val_loss"] for e in tuned.metrics["head_history"]],
+                               [e["val_loss"] for e in head.metrics["history"]], rtol=1e-4)
 
     prefix = "backbone.net." if tuned.config["tta"] == "flip" else "backbone."  # flip TTA wraps the network
     saved = load_file(str(out / "model" / "model.safetensors"))

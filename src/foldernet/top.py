@@ -151,7 +151,7 @@ def train_top(encoder, head, paths: list, rows_train: np.ndarray, rows_val: np.n
     info: dict = {"stages": stages, "views": views, "epochs": epochs, "seconds": {}}
 
     # 1. the trunk's activations: view 0 (as predict sees the file) and the mirror of every item, the
-    #    further augmented views of the training items; float16 halves the memory (~22 KB per view on lite0)
+    #    further augmented views of the training items; float16 halves the memory (~44 KB per view on lite0 at 224 px)
     t = time.perf_counter()
     from .features import FeatureExtractor
 
