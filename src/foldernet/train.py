@@ -409,12 +409,15 @@ def top_stage(encoder: Encoder, head: LinearHead, ds: Dataset, rows: Rows, spec:
     from the same cache."""
     from .top import train_top
 
+    acts0 = None  # the usable items' trunk activations from the first pass (a copy only when some files failed)
+    if view0 is not None:
+        acts0 = (np.flatnonzero(feats.ok), view0 if feats.ok.all() else view0[feats.ok])
     result = train_top(encoder, head, [it.path for it in ds.items], np.flatnonzero(rows.sel["train"]),
                        np.flatnonzero(rows.sel["val"]), rows.y, views=spec.head.views,
                        stages=spec.finetune.top_stages, epochs=spec.finetune.epochs, lr=spec.finetune.finetune_lr,
                        class_weights=weights, mirror_held=spec.model.tta != "off" and modality(ds.kind).supports_flip,
                        engine=spec.model.engine, seed=spec.split.seed, progress=spec.run.progress,
-                       view0=(np.flatnonzero(feats.ok), view0[feats.ok]) if view0 is not None else None)
+                       view0=acts0)
     idx, vectors = result.vectors[0]
     usable = feats.ok[idx]
     feats.vectors[idx[usable]] = vectors[usable]
