@@ -186,6 +186,22 @@ def test_top_mode_tunes_the_last_stages_on_cached_activations(small_digits, tmp_
     assert [p.label for p in preds] == [r["predicted"] for r in rows]
 
 
+def test_top_mode_skips_an_unreadable_file_and_still_tunes(small_digits, tmp_path):
+    """Top mode's one pass over the files yields features and trunk activations together: a file that
+    cannot be read is skipped and named, and the others' activations still line up with their labels."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_digits, data)
+    first = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    (first / "broken.png").write_bytes(b"not an image")
+    tuned = foldernet.train(data, out=tmp_path / "top", mode="top", epochs=3, views=1, report=False,
+                            **{**SMALL, "img_size": 48})
+    assert [rel for rel, _ in tuned.skipped] == [f"{first.name}/broken.png"]
+    assert tuned.metrics["top"]["kept_epoch"] >= 1
+    assert tuned.metrics["splits"]["test"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(top_stages=7), "--top-stages 7: 'tf_efficientnet_lite0' has 7 stages; choose 1 to 6"),
     (dict(backbone="tf_efficientnet_lite0+tf_efficientnet_lite1"), "--mode top tunes one backbone's last stages"),
