@@ -264,7 +264,7 @@ class _Job:
                 if k and k >= len(groups):
                     return None
                 cand = work / f"plan{k}{tag}.onnx"
-                quantize_int8(self.target, cand, calib, keep_fp32=[n for g in groups[:k] for n in g],
+                quantize_int8(state["path"], cand, calib, keep_fp32=[n for g in groups[:k] for n in g],
                               prepared_path=state["path"])
                 return cand, OnnxClassifier(cand)
 
