@@ -114,6 +114,65 @@ def test_damaged_tflite_file_is_named_not_a_traceback(tflite_export, tmp_path):
         TFLiteClassifier(broken)
 
 
+@pytest.fixture(scope="session")
+def openvino_export(trained_run, tmp_path_factory):
+    pytest.importorskip("openvino", reason="the openvino extra: pip install 'foldernet[openvino]'")
+    from foldernet.export import export
+
+    out = tmp_path_factory.mktemp("openvino") / "export"
+    return out, export(trained_run.run_dir, out=out, format="openvino", int8=True, int8_distill="never")
+
+
+def test_openvino_export_agrees_with_pytorch_and_reports_the_runtime_default(openvino_export, trained_run,
+                                                                             digits_dir):
+    from foldernet.export import table_rows
+    from foldernet.openvino_ir import OpenVINOClassifier, runtime_precision
+
+    out, report = openvino_export
+    assert report["fp32"]["top1_agreement"] == 1.0 and report["fp32"]["max_prob_diff"] < 1e-3
+    assert sorted(p.name for p in (out / "model.openvino").iterdir()) == ["model.bin", "model.xml"]
+    clf = foldernet.load(out / "model.openvino")  # the folder, as the bundle loader is given it
+    assert isinstance(clf, OpenVINOClassifier) and clf.precision == "f32"
+    bundle = foldernet.load(trained_run.run_dir)
+    assert clf.labels == bundle.labels and clf.preprocess.size == bundle.preprocess.size
+    files = sorted((digits_dir / "5_five").glob("*.png"))[:4]
+    for mine, theirs in zip(clf.predict(files, top_k=2), bundle.predict(files, top_k=2)):
+        assert mine.label == theirs.label
+        np.testing.assert_allclose(mine.top[0][1], theirs.top[0][1], atol=1e-3)
+    q = report["int8"]
+    assert (out / "model.int8.openvino").is_dir() == q["kept"]
+    if q["kept"]:
+        assert q["top1_agreement"] >= 0.99 and q["size_mb"] < report["fp32"]["size_mb"] / 2
+    rows = {(r["format"], r["precision"]): r for r in table_rows(out)}
+    assert rows[("openvino", "fp32")]["status"] == "kept" and rows[("openvino", "fp32")]["size_mb"] > 1
+    # what a plain compile_model runs on this CPU is measured beside the checked f32 numbers
+    default = runtime_precision()
+    if default == "f32":
+        assert "runtime_default" not in report
+    else:
+        d = report["runtime_default"]
+        assert d["precision"] == default and 0 < d["top1_agreement"] <= 1 and d["img_per_s"] > 0
+        assert rows[("openvino", f"{default} (runtime default)")]["file"] == "model.openvino"
+    assert json.loads((out / "parity.openvino.json").read_text())["fp32"]["top1_agreement"] == 1.0
+    assert "| openvino | fp32 | model.openvino |" in (out / "report.md").read_text()
+
+
+def test_damaged_openvino_model_is_named_not_a_traceback(openvino_export, tmp_path):
+    import shutil
+
+    from foldernet.openvino_ir import OpenVINOClassifier
+
+    out, _ = openvino_export
+    broken = tmp_path / "model.openvino"
+    shutil.copytree(out / "model.openvino", broken)
+    with open(broken / "model.bin", "r+b") as f:
+        f.truncate(5000)
+    with pytest.raises(FoldernetError, match="damaged.*Incorrect weights"):
+        OpenVINOClassifier(broken)
+    with pytest.raises(FoldernetError, match="no OpenVINO model"):
+        OpenVINOClassifier(tmp_path / "nothing.openvino")
+
+
 def test_coreml_export_checks_its_spec_and_says_what_a_mac_must_check(trained_run, tmp_path):
     pytest.importorskip("coremltools", reason="the mobile extra: pip install 'foldernet[mobile]'")
     from foldernet.export import export
@@ -127,16 +186,17 @@ def test_coreml_export_checks_its_spec_and_says_what_a_mac_must_check(trained_ru
         assert fp["verified"] is False and "macOS" in fp["note"]
 
 
-def test_missing_mobile_extra_gives_the_install_line(trained_run, tmp_path):
+def test_missing_optional_extra_gives_the_install_line(trained_run, tmp_path):
     code = ("import sys; sys.modules['litert_torch'] = None; sys.modules['coremltools'] = None\n"
+            "sys.modules['openvino'] = None\n"
             "from foldernet.cli import main; sys.argv = ['foldernet', 'export', sys.argv[1], '--format', sys.argv[2],"
             " '--out', sys.argv[3]]; main()")
-    for fmt in ("tflite", "coreml"):
+    for fmt, extra in (("tflite", "mobile"), ("coreml", "mobile"), ("openvino", "openvino")):
         proc = subprocess.run([sys.executable, "-c", code, str(trained_run.run_dir), fmt, str(tmp_path / fmt)],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0
         text = proc.stdout + proc.stderr
-        assert "pip install 'foldernet[mobile]'" in text and "Traceback" not in text
+        assert f"pip install 'foldernet[{extra}]'" in text and "Traceback" not in text
         assert not (tmp_path / fmt).exists()  # checked before any work
 
 

@@ -432,8 +432,13 @@ class Classifier(Predictor):
 
 
 def load(path: str | os.PathLike, engine: str = "onnx", use_cache: bool = True) -> Predictor:
-    """Load a bundle from ``RUN`` or ``RUN/model``, or an exported ``.onnx`` / ``.tflite`` file."""
+    """Load a bundle from ``RUN`` or ``RUN/model``, or an exported ``.onnx`` / ``.tflite`` file or
+    OpenVINO IR (``model.openvino`` folder or its ``model.xml``)."""
     suffix = Path(path).suffix.lower()
+    if suffix in (".openvino", ".xml"):
+        from .openvino_ir import OpenVINOClassifier
+
+        return OpenVINOClassifier(path)
     if suffix == ".onnx" and Path(path).is_file():
         from .onnx_predictor import OnnxClassifier
 

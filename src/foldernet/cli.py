@@ -163,7 +163,8 @@ def _warn_unreadable(n: int) -> None:
 
 @app.command()
 def predict(
-    run: Path = typer.Argument(..., help="run folder (or its model/ folder)"),
+    run: Path = typer.Argument(..., help="run folder (or its model/ folder), or an exported model.onnx, "
+                               "model.tflite or model.openvino"),
     inputs: List[str] = typer.Argument(..., help="image files and/or folders; with --out: one folder, glob, "
                                        ".txt/.csv/.parquet list of paths or URIs"),
     top_k: Optional[int] = _opt("predict", "top_k", "--top-k", "-k"),

@@ -1,7 +1,8 @@
 """Export a bundle to one model file (backbone + head + temperature), checked against the original.
 
-Formats: ONNX (servers, ONNX Runtime), TFLite (LiteRT: Android, embedded) and Core ML (Apple), the
-last two with the ``mobile`` extra. The parity check runs on the bundle's held-out split: the fp32
+Formats: ONNX (servers, ONNX Runtime), OpenVINO IR (servers with Intel CPUs; the ``openvino``
+extra), TFLite (LiteRT: Android, embedded) and Core ML (Apple), the last two with the ``mobile``
+extra. The parity check runs on the bundle's held-out split: the fp32
 file must give the same top-1 as the PyTorch model on every image, or the export fails loudly. An
 int8 file (static quantisation, calibrated on training images; the fastest of a few plans that
 keep the first stages in fp32, chosen by agreement on a selection split, on weights equalised for
@@ -77,8 +78,10 @@ def _throughput(predictor, pixels: np.ndarray, repeats: int = 3, rounds: int = 3
     return best
 
 
-TARGETS = {"onnx": "model.onnx", "tflite": "model.tflite", "coreml": "model.mlpackage"}
-PARITY = {"onnx": "parity.json", "tflite": "parity.tflite.json", "coreml": "parity.coreml.json"}
+TARGETS = {"onnx": "model.onnx", "openvino": "model.openvino", "tflite": "model.tflite",
+           "coreml": "model.mlpackage"}
+PARITY = {"onnx": "parity.json", "openvino": "parity.openvino.json", "tflite": "parity.tflite.json",
+          "coreml": "parity.coreml.json"}
 
 
 def _metadata(clf) -> dict:
@@ -104,12 +107,25 @@ def _latency_ms(predictor, row: np.ndarray, repeats: int = 15) -> float:
 
 
 def _replace(tmp: Path, target: Path) -> None:
-    """Move a finished file or folder (an .mlpackage) into place; the old one was foldernet's."""
+    """Move a finished file or folder (an .mlpackage, an OpenVINO IR) into place; the old one was
+    foldernet's (the export folder carries its marker)."""
+    _remove(target)
+    os.replace(tmp, target)
+
+
+def _remove(path: Path) -> None:
     import shutil
 
-    if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _size_mb(path: Path) -> float:
+    """A model file's size, or a model folder's (an IR's .xml + .bin, an .mlpackage)."""
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    return round(sum(f.stat().st_size for f in files) / 1e6, 2)
 
 
 def export(run: str | os.PathLike, out: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
@@ -125,7 +141,10 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, data: s
     if fmt != "onnx":  # the optional converters are checked before any work starts
         from .mobile import require
 
-        require("litert_torch" if fmt == "tflite" else "coremltools", fmt)
+        if fmt == "openvino":
+            require("openvino", fmt, extra="openvino")
+        else:
+            require("litert_torch" if fmt == "tflite" else "coremltools", fmt)
         if fmt == "tflite":
             require("ai_edge_litert", fmt)
 
@@ -144,7 +163,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, data: s
         write_marker(out, "export")
 
     job = _Job(clf, model_dir, data, out, target, files, prefer_size, o["int8_distill"])
-    report = {"onnx": job.onnx, "tflite": job.tflite, "coreml": job.coreml}[fmt](int8)
+    report = {"onnx": job.onnx, "openvino": job.openvino, "tflite": job.tflite, "coreml": job.coreml}[fmt](int8)
     atomic_write_json(out / PARITY[fmt], report)
     write_table(out)
     return report
@@ -230,11 +249,11 @@ class _Job:
         report = self.base_report(fmt, export_s, self.parity(predictor_cls(tmp), name))
         if report["fp32"]["top1_agreement"] < 1.0:
             self.refuse(fmt, report, tmp)
-        os.replace(tmp, self.target)
+        _replace(tmp, self.target)
         predictor = predictor_cls(self.target)
         bench = self.bench(predictor)
         # TFLite runs one image at a time: its batch throughput is 32 single runs
-        report["fp32"].update(path=self.target.name, size_mb=round(self.target.stat().st_size / 1e6, 2),
+        report["fp32"].update(path=self.target.name, size_mb=_size_mb(self.target),
                               img_per_s=round(_throughput(predictor, bench, repeats=1 if fmt == "tflite" else 3), 1),
                               single_ms=_latency_ms(predictor, bench[0]))
         return report, predictor, bench
@@ -255,24 +274,74 @@ class _Job:
         report, predictor, bench = self.check_fp32("onnx", "ONNX", tmp, OnnxClassifier, time.perf_counter() - t)
         if int8:
             def make(k: int, calib: np.ndarray, work: Path, state: dict):
-                tag = state["tag"]
-                if "path" not in state:  # the fp32 graph this round quantises, pre-processed once
-                    src = self.write_onnx(state["module"], work / f"round{tag}.onnx")
-                    state["path"] = prepared(src, work)
-                    state["groups"] = stage_groups(state["path"])
-                groups = state["groups"]
-                if k and k >= len(groups):
-                    return None
-                cand = work / f"plan{k}{tag}.onnx"
-                quantize_int8(state["path"], cand, calib, keep_fp32=[n for g in groups[:k] for n in g],
-                              prepared_path=state["path"])
-                return cand, OnnxClassifier(cand)
+                cand = self.qdq_plan(k, calib, work, state)
+                return None if cand is None else (cand, OnnxClassifier(cand))
 
             report["int8"] = self.int8(predictor, make, OnnxClassifier, bench, module)
         return report
 
     def write_onnx(self, module, path: Path) -> Path:
         return write_onnx(module, self.size, path, self.meta)
+
+    def qdq_plan(self, k: int, calib: np.ndarray, work: Path, state: dict) -> Path | None:
+        """The int8 ONNX file (QDQ) of plan ``k`` (the first ``k`` stages fp32) of this round's network
+        (``state['module']``: equalised, or distilled), or None when the network has no such plan."""
+        tag = state["tag"]
+        if "path" not in state:  # the fp32 graph this round quantises, pre-processed once
+            src = self.write_onnx(state["module"], work / f"round{tag}.onnx")
+            state["path"] = prepared(src, work)
+            state["groups"] = stage_groups(state["path"])
+        groups = state["groups"]
+        if k and k >= len(groups):
+            return None
+        cand = work / f"plan{k}{tag}.onnx"
+        quantize_int8(state["path"], cand, calib, keep_fp32=[n for g in groups[:k] for n in g],
+                      prepared_path=state["path"])
+        return cand
+
+    # --- OpenVINO ---
+
+    def openvino(self, int8: bool) -> dict:
+        import shutil
+        import tempfile
+
+        from .openvino_ir import OpenVINOClassifier, runtime_precision, save_ir
+
+        console.print("converting to OpenVINO IR...")
+        t = time.perf_counter()
+        module = _full_model(self.clf)
+        work = Path(tempfile.mkdtemp(prefix=".openvino.", dir=self.out))
+        try:
+            tmp = save_ir(self.write_onnx(module, work / "model.onnx"), work / self.target.name, self.meta)
+            console.print("...then the OpenVINO runtime (f32)")
+            report, predictor, bench = self.check_fp32("openvino", "OpenVINO", tmp, OpenVINOClassifier,
+                                                       time.perf_counter() - t)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        default = runtime_precision()
+        if default != "f32":  # what a plain compile_model gives a user on this CPU: measured, not assumed
+            fast = OpenVINOClassifier(self.target, precision="default")
+            checked = self.parity(fast, f"OpenVINO ({default})")
+            speed = _throughput(fast, bench)
+            report["runtime_default"] = {
+                "precision": default, "top1_agreement": checked["top1_agreement"],
+                "max_prob_diff": checked["max_prob_diff"], "img_per_s": round(speed, 1),
+                "speedup": round(speed / report["fp32"]["img_per_s"], 2), "single_ms": _latency_ms(fast, bench[0]),
+                "path": self.target.name, "size_mb": report["fp32"]["size_mb"],
+                "note": f"the same file run in OpenVINO's default precision on this CPU ({default}); foldernet runs "
+                        "it in f32 (INFERENCE_PRECISION_HINT=f32), as the parity check did"}
+            console.print(f"OpenVINO's default precision here is {default}: {speed:.0f} img/s, top-1 agreement "
+                          f"{checked['top1_agreement']:.4f} (foldernet runs the file in f32)")
+        if int8:
+            def make(k: int, calib: np.ndarray, work: Path, state: dict):
+                qdq = self.qdq_plan(k, calib, work, state)
+                if qdq is None:
+                    return None
+                cand = save_ir(qdq, work / f"plan{k}{state['tag']}.openvino", self.meta)
+                return cand, OpenVINOClassifier(cand)
+
+            report["int8"] = self.int8(predictor, make, OpenVINOClassifier, bench, module)
+        return report
 
     # --- TFLite ---
 
@@ -324,7 +393,7 @@ class _Job:
                 if spec["problems"]:
                     raise FoldernetError(f"the Core ML conversion is wrong: {'; '.join(spec['problems'])}; not written")
                 entry = {"path": name, "export_seconds": round(time.perf_counter() - t, 1), "spec": spec,
-                         "size_mb": round(sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6, 2),
+                         "size_mb": _size_mb(tmp),
                          "compute": "fp16" if precision == "fp32" else "int8 weights, fp16 activations"}
                 if can_run_coreml():
                     checked = self.parity(CoreMLClassifier(tmp), "Core ML")
@@ -408,7 +477,7 @@ class _Job:
                     if agree >= INT8_SELECT_AGREEMENT:
                         break
             chosen, _, cand, _ = best
-            os.replace(cand, path8)
+            _replace(cand, path8)
         finally:
             import shutil
 
@@ -419,7 +488,7 @@ class _Job:
         agree8, diff8 = checked["top1_agreement"], checked["max_prob_diff"]
         speed32 = _throughput(fp32_predictor, bench, repeats=1 if single else 3)
         speed8 = _throughput(clf8, bench, repeats=1 if single else 3)
-        size32, size8 = self.target.stat().st_size / 1e6, path8.stat().st_size / 1e6
+        size32, size8 = _size_mb(self.target), _size_mb(path8)
         faster = speed8 > speed32
         keep = agree8 >= INT8_MIN_AGREEMENT and (faster or self.prefer_size)
         reason = ("kept: " + ("faster" if faster else "smaller, as asked")) if keep else (
@@ -428,7 +497,7 @@ class _Job:
             f"the {size8:.1f} MB file anyway")
         single_ms = _latency_ms(clf8, bench[0])
         if not keep:
-            path8.unlink()
+            _remove(path8)
         console.print(f"int8: {reason}")
         return {"top1_agreement": agree8, "max_prob_diff": diff8, "img_per_s": round(speed8, 1),
                 "fp32_img_per_s": round(speed32, 1), "speedup": round(speed8 / speed32, 2),
@@ -454,11 +523,17 @@ def table_rows(folder: Path) -> list[dict]:
             report = json.loads(path.read_text())
         except ValueError:
             continue
-        for precision in ("fp32", "int8"):
+        for precision in ("fp32", "runtime_default", "int8"):
             r = report.get(precision)
             if not r:
                 continue
             label = precision if not (fmt == "coreml" and precision == "fp32") else "fp16"
+            if precision == "runtime_default":  # the fp32 file, run in the runtime's own default precision
+                rows.append({"format": fmt, "precision": f"{r['precision']} (runtime default)", "file": r["path"],
+                             "size_mb": r.get("size_mb"), "top1_agreement": r.get("top1_agreement"),
+                             "single_ms": r.get("single_ms"), "img_per_s": r.get("img_per_s"),
+                             "status": "same file; foldernet runs it in f32"})
+                continue
             if r.get("kept") is False or not r.get("path"):
                 reason = r.get("reason", "")
                 status = ("not kept: agreement" if "agreement" in reason else
@@ -480,7 +555,7 @@ def write_table(folder: Path) -> Path:
     lines = ["# foldernet export", "",
              f"Measured on this machine ({os.cpu_count()} CPU cores). top1_agreement: with the PyTorch model "
              "on the held-out split; single_ms: one preprocessed image through the model; img_per_s: batch 32 "
-             "for ONNX Runtime, one image at a time for TFLite.", "",
+             "for ONNX Runtime and OpenVINO, one image at a time for TFLite.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [f"{v:.4f}" if k == "top1_agreement" and isinstance(v, float) else ("" if v is None else str(v))

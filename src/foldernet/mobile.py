@@ -25,19 +25,18 @@ import numpy as np
 from .errors import FoldernetError
 from .onnx_predictor import ExportedClassifier
 
-INSTALL_HINT = "pip install 'foldernet[mobile]'"
 OUTPUTS = ("probabilities", "features", "logits")
 
 
-def require(module: str, fmt: str, what: str | None = None):
+def require(module: str, fmt: str, what: str | None = None, extra: str = "mobile"):
     """Import an optional converter or runtime, or stop with the one line that installs it."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise FoldernetError(f"{what or '--format ' + fmt} needs the mobile extra, which is not installed: "
-                             f"{INSTALL_HINT}") from None
+        raise FoldernetError(f"{what or '--format ' + fmt} needs the {extra} extra, which is not installed: "
+                             f"pip install 'foldernet[{extra}]'") from None
 
 
 @contextlib.contextmanager

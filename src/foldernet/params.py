@@ -248,8 +248,9 @@ FRAMES = [
     _p("max_frames", int, None, "at most this many frames per video", 1, 1_000_000, optional=True),
 ]
 EXPORT = [
-    _p("format", str, "onnx", "onnx (servers); tflite or coreml (phones; pip install 'foldernet[mobile]')",
-       choices=("onnx", "tflite", "coreml")),
+    _p("format", str, "onnx", "onnx (servers); openvino (servers with Intel CPUs; pip install "
+       "'foldernet[openvino]'); tflite or coreml (phones; pip install 'foldernet[mobile]')",
+       choices=("onnx", "openvino", "tflite", "coreml")),
     _p("int8", bool, False, "also try static int8 quantisation (kept only if it agrees and is faster)"),
     _p("prefer_size", bool, False, "keep int8 when it agrees but is not faster"),
     _p("int8_distill", str, "auto", "when no int8 plan agrees: auto (tune the weights for int8 for a minute or "
