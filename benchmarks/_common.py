@@ -21,6 +21,19 @@ def dataset(relpath: str, what: str = "") -> Path | None:
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+def cpu_model() -> str:
+    """", <CPU model> (<its bf16/int8 matrix features>)": the figures depend on them (OpenVINO's bf16 and
+    int8 kernels use AMX where it exists), and the machines that run these benchmarks differ."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extras = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni") if f in flags]
+    return f", {model}" + (f" ({' '.join(extras)})" if extras else "") if model else ""
+
+
 def record(rows: list[dict], cols: list[str], name: str) -> None:
     """Replace this benchmark's section of benchmarks/RESULTS.md with the new table (with the date
     and machine), so the figures that code and docs quote live in one regenerated place."""
@@ -35,7 +48,7 @@ def record(rows: list[dict], cols: list[str], name: str) -> None:
     table += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
     cmd = f"python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}".strip()
     section = (f"## {name}\n\n`{cmd}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
-               f"{platform.machine()}\n\n" + "\n".join(table) + "\n")
+               f"{platform.machine()}{cpu_model()}\n\n" + "\n".join(table) + "\n")
     pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     RESULTS.write_text(text, encoding="utf-8")

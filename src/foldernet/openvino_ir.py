@@ -1,8 +1,8 @@
 """OpenVINO IR: the export for servers with Intel CPUs (``foldernet export RUN --format openvino``).
 
 Why a second server format: on CPUs with AMX or AVX512-BF16 (Xeon Sapphire Rapids and later) the
-OpenVINO runtime runs a network in bf16 by default and its int8 kernels use AMX. Measured here (2
-cores, lite0, 224 px, batch 32; benchmarks/export_formats.py on demo, hymenoptera, clothing): bf16
+OpenVINO runtime runs a network in bf16 by default and its int8 kernels use AMX. Measured on such a
+CPU (2 cores, lite0, 224 px, batch 32; benchmarks/export_formats.py on demo, hymenoptera, clothing): bf16
 1.9-2.2x ONNX Runtime's fp32 but agreeing with fp32 on only 98.8 % of clothing's held-out images, so
 foldernet does not run it; the int8 the export keeps 1.5-2.5x (ONNX Runtime's own: 1.5-2.0x); f32
 0.83-0.95x ONNX Runtime's fp32.
