@@ -64,6 +64,77 @@ def model_gflops(model, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def conv_kind(weight_shape: list[int]) -> str:
+    """A convolution by its weight shape [out, in/groups, kh, kw]: pointwise (1x1), depthwise (one input
+    channel per output) or full (the stem)."""
+    if weight_shape[2:] == [1, 1]:
+        return "pointwise conv (1x1)"
+    return "depthwise conv" if weight_shape[1] == 1 else "full conv (stem)"
+
+
+def op_profile(onnx_path: Path, batch: np.ndarray, threads: int, peak: float, runs: int = 5) -> list[dict]:
+    """Where ONNX Runtime's fp32 time goes, from its own profiler: per kind of operation, the share of
+    kernel time and of FLOPs and the GFLOP/s it reaches (FLOPs from each kernel's input and output
+    shapes). The first run is a warm-up (allocations), each kernel's median over the rest counts."""
+    import json
+    from collections import defaultdict
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(onnx_path.parent / "ort-profile")
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: batch}
+    walls = []
+    for _ in range(runs + 1):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        walls.append(time.perf_counter() - t)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    durations, kinds, flops = defaultdict(list), {}, {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        name, args = e["name"], e["args"]
+        durations[name].append(e["dur"] / 1e6)
+        if name in kinds:
+            continue
+        shapes_in = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
+        shapes_out = [next(iter(d.values())) for d in args.get("output_type_shape", [])]
+        op, out = args.get("op_name", "?"), int(np.prod(shapes_out[0])) if shapes_out else 0
+        if op == "Conv" and len(shapes_in) > 1:
+            w = shapes_in[1]
+            kinds[name], flops[name] = conv_kind(w), 2.0 * out * w[1] * w[2] * w[3]
+        elif op in ("Gemm", "MatMul") and len(shapes_in) > 1:
+            kinds[name], flops[name] = "head (Gemm)", 2.0 * out * shapes_in[0][-1]
+        else:
+            kinds[name], flops[name] = f"other ({op})" if op in ("ReorderInput", "ReorderOutput") else \
+                "other (pooling, softmax, layout)", 0.0
+    per_kind_s, per_kind_flops, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for name, ds in durations.items():
+        per_kind_s[kinds[name]] += float(np.median(ds[1:] if len(ds) > 1 else ds))
+        per_kind_flops[kinds[name]] += flops[name]
+        count[kinds[name]] += 1
+    total_s, total_flops = sum(per_kind_s.values()), sum(per_kind_flops.values())
+    rows = []
+    for kind in sorted(per_kind_s, key=per_kind_s.get, reverse=True):
+        sec, fl = per_kind_s[kind], per_kind_flops[kind]
+        rows.append({"operation": kind, "kernels": count[kind], "time_share": round(sec / total_s, 3),
+                     "flop_share": round(fl / total_flops, 3) if total_flops else 0.0,
+                     "ms_per_batch": round(sec * 1e3, 1),
+                     "gflop_per_s": round(fl / sec / 1e9, 1) if fl else "",
+                     "fraction_of_peak": round(fl / sec / 1e9 / peak, 3) if fl else ""})
+    wall = float(np.median(walls[1:]))
+    rows.append({"operation": "all kernels / wall", "kernels": sum(count.values()),
+                 "time_share": round(total_s / wall, 3),
+                 "flop_share": 1.0, "ms_per_batch": round(wall * 1e3, 1),
+                 "gflop_per_s": round(total_flops / wall / 1e9, 1),
+                 "fraction_of_peak": round(total_flops / wall / 1e9 / peak, 3)})
+    return rows
+
+
 def time_engine(run, batch: np.ndarray, repeats: int) -> tuple[float, float]:
     """(images/s at this batch size, median single-image latency in ms)."""
     run(batch)
@@ -143,9 +214,12 @@ def main() -> int:
                 r["int8_kept_by_export"] = q.get("kept")
         rows.append({"engine": "targets", "img_per_s_b32": ">= 100 (fp32)", "single_ms": "<= 10",
                      "speedup_vs_eager": ">= 2 (ORT)"})
+        ops = op_profile(run / "export" / "model.onnx", batch, args.threads, peak)
     print_table(rows, ["engine", "img_per_s_b32", "single_ms", "speedup_vs_eager", "gflop_per_s", "fraction_of_peak",
                        "model_gflop_per_img", "peak_gflop_per_s", "int8_top1_agreement", "int8_kept_by_export"],
                 "inference")
+    print_table(ops, ["operation", "kernels", "time_share", "flop_share", "ms_per_batch", "gflop_per_s",
+                      "fraction_of_peak"], "inference_fp32_by_operation")
     return 0
 
 
