@@ -9,9 +9,9 @@ RecursionError, a hang past the time budget) or a 5xx from the server.
 
 CLI options: each option of each command (params.TABLES) gets random values of its type and beyond
 (negative, zero, huge, NaN, text, unknown choices) through the real CLI in-process; bundle files: each
-file of a trained bundle (and its ONNX export) is truncated or has bytes flipped, then the bundle is
-loaded, asked to predict and to find similar examples, and served. A failure is a traceback: any
-exception other than foldernet's own one-line error.
+file of a trained bundle (and its ONNX and OpenVINO exports) is truncated or has bytes flipped, then the
+bundle is loaded, asked to predict and to find similar examples, and served. A failure is a traceback:
+any exception other than foldernet's own one-line error.
 
     python benchmarks/fuzz.py [--seconds 60]   (each of the three parts gets that long)
 """
@@ -19,6 +19,7 @@ exception other than foldernet's own one-line error.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import sys
 import tempfile
@@ -150,7 +151,7 @@ def fuzz_bundle(seconds: float, run: Path, image: Path, rng: np.random.Generator
     from foldernet.serve import create_app
 
     files = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and "tensorboard" not in p.parts
-                   and p.suffix in (".json", ".safetensors", ".txt", ".csv", ".onnx"))
+                   and p.suffix in (".json", ".safetensors", ".txt", ".csv", ".onnx", ".xml", ".bin"))
     tried = tracebacks = refused = 0
     examples: list[str] = []
     deadline = time.time() + seconds
@@ -167,6 +168,8 @@ def fuzz_bundle(seconds: float, run: Path, image: Path, rng: np.random.Generator
                      lambda: TestClient(create_app(copy), base_url="http://127.0.0.1").get("/info")]
             if (copy / "export" / "model.onnx").exists():
                 steps.append(lambda: OnnxClassifier(copy).predict(image))
+            if (copy / "export" / "model.openvino").is_dir():
+                steps.append(lambda: foldernet.load(copy / "export" / "model.openvino").predict(image))
             for step in steps:
                 try:
                     step()
@@ -203,6 +206,10 @@ def main() -> int:
     examples: list[str] = []
     with tempfile.TemporaryDirectory(prefix="foldernet-fuzz-") as tmp:
         run, images = demo_bundle(Path(tmp), export=True)
+        if importlib.util.find_spec("openvino"):  # its IR's files are fuzzed too
+            import foldernet
+
+            foldernet.export(run, format="openvino")
         with TestClient(create_app(run), base_url="http://127.0.0.1") as client:
             deadline = time.time() + args.seconds
             while time.time() < deadline:
