@@ -83,22 +83,30 @@ def tflite_export(trained_run, tmp_path_factory):
     return out, export(trained_run.run_dir, out=out, format="tflite", int8=True, int8_distill="never")
 
 
+def _answers_like_the_bundle(clf, run_dir, files) -> None:
+    """An exported model carries the bundle's labels and preprocessing and gives its answers."""
+    bundle = foldernet.load(run_dir)
+    assert clf.labels == bundle.labels and clf.preprocess.size == bundle.preprocess.size
+    for mine, theirs in zip(clf.predict(files, top_k=2), bundle.predict(files, top_k=2)):
+        assert mine.label == theirs.label
+        np.testing.assert_allclose(mine.top[0][1], theirs.top[0][1], atol=1e-3)
+
+
+def _int8_kept_only_when_it_agrees(report, path) -> None:
+    q = report["int8"]
+    assert path.exists() == q["kept"]
+    if q["kept"]:
+        assert q["top1_agreement"] >= 0.99 and q["size_mb"] < report["fp32"]["size_mb"] / 2
+
+
 def test_tflite_export_agrees_with_pytorch_and_carries_labels(tflite_export, trained_run, digits_dir):
     from foldernet.mobile import TFLiteClassifier
 
     out, report = tflite_export
     assert report["fp32"]["top1_agreement"] == 1.0
     clf = TFLiteClassifier(out / "model.tflite")
-    bundle = foldernet.load(trained_run.run_dir)
-    assert clf.labels == bundle.labels and clf.preprocess.size == bundle.preprocess.size
-    files = sorted((digits_dir / "3_three").glob("*.png"))[:4]
-    for mine, theirs in zip(clf.predict(files, top_k=2), bundle.predict(files, top_k=2)):
-        assert mine.label == theirs.label
-        np.testing.assert_allclose(mine.top[0][1], theirs.top[0][1], atol=1e-3)
-    q = report["int8"]
-    assert (out / "model.int8.tflite").exists() == q["kept"]
-    if q["kept"]:
-        assert q["top1_agreement"] >= 0.99 and q["size_mb"] < report["fp32"]["size_mb"] / 2
+    _answers_like_the_bundle(clf, trained_run.run_dir, sorted((digits_dir / "3_three").glob("*.png"))[:4])
+    _int8_kept_only_when_it_agrees(report, out / "model.int8.tflite")
     saved = json.loads((out / "parity.tflite.json").read_text())
     assert saved["fp32"]["top1_agreement"] == 1.0
     assert "| tflite | fp32 | model.tflite |" in (out / "report.md").read_text()
@@ -133,16 +141,8 @@ def test_openvino_export_agrees_with_pytorch_and_reports_the_runtime_default(ope
     assert sorted(p.name for p in (out / "model.openvino").iterdir()) == ["model.bin", "model.xml"]
     clf = foldernet.load(out / "model.openvino")  # the folder, as the bundle loader is given it
     assert isinstance(clf, OpenVINOClassifier) and clf.precision == "f32"
-    bundle = foldernet.load(trained_run.run_dir)
-    assert clf.labels == bundle.labels and clf.preprocess.size == bundle.preprocess.size
-    files = sorted((digits_dir / "5_five").glob("*.png"))[:4]
-    for mine, theirs in zip(clf.predict(files, top_k=2), bundle.predict(files, top_k=2)):
-        assert mine.label == theirs.label
-        np.testing.assert_allclose(mine.top[0][1], theirs.top[0][1], atol=1e-3)
-    q = report["int8"]
-    assert (out / "model.int8.openvino").is_dir() == q["kept"]
-    if q["kept"]:
-        assert q["top1_agreement"] >= 0.99 and q["size_mb"] < report["fp32"]["size_mb"] / 2
+    _answers_like_the_bundle(clf, trained_run.run_dir, sorted((digits_dir / "5_five").glob("*.png"))[:4])
+    _int8_kept_only_when_it_agrees(report, out / "model.int8.openvino")
     rows = {(r["format"], r["precision"]): r for r in table_rows(out)}
     assert rows[("openvino", "fp32")]["status"] == "kept" and rows[("openvino", "fp32")]["size_mb"] > 1
     # what a plain compile_model runs on this CPU is measured beside the checked f32 numbers
