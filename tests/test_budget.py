@@ -60,8 +60,47 @@ def test_budget_measures_plans_and_records(digits_dir, tmp_path):
     assert plan["fits"] is False and plan["chosen"]["backbone"] == "tf_efficientnet_lite0"
     assert plan["seconds_per_image_lite0"] > 0 and len(plan["candidates"]) == len(CANDIDATES)
     assert r.config["backbone"] == "tf_efficientnet_lite0" and plan["spent_s"] > 0
-    costs = [estimate(p, 1000, 700, 300, 0.01, {}) for p in CANDIDATES]
+    head_plans = [p for p in CANDIDATES if p.mode == "head"]
+    costs = [estimate(p, 1000, 700, 300, 0.01, {}) for p in head_plans]
     assert costs == sorted(costs) and costs[0] < costs[-1]
+    # top mode: 420 training items are too few (the frozen ensembles won there), and it says so
+    top = next(row for row in plan["candidates"] if row["mode"] == "top")
+    assert top["estimate_s"] is None and "at least 1000 training items" in top["skipped"]
+
+
+def test_budget_chooses_top_mode_on_a_large_set_and_one_epoch_fewer_when_time_is_short(digits_dir):
+    """With enough training items and time, the planner's richest plan is --mode top; with a little
+    less time it keeps top mode with one epoch fewer; with less still it falls back to frozen features.
+    Estimates grow with the epochs."""
+    from foldernet.plan import CANDIDATES, Plan, choose, estimate
+
+    top = next(p for p in CANDIDATES if p.mode == "top")
+    paths = sorted(digits_dir.rglob("*.png"))
+    plan, facts = choose("2h", paths, 3000, 400)
+    assert plan.mode == "top" and plan.epochs == 5 and facts["fits"]
+    assert "--mode top" in plan.describe()
+    per = facts["seconds_per_image_lite0"]
+    four, five = (estimate(Plan(top.backbone, 3, "auto", mode="top", epochs=e), len(paths), 3000, 400, per, {})
+                  for e in (4, 5))
+    assert four < five
+    shorter, _ = choose(f"{(four + five) / 2 / 0.8:.1f}s", paths, 3000, 400, per_image=per)
+    assert shorter.mode == "top" and shorter.epochs == 4
+    short, _ = choose(f"{four * 0.9 / 0.8:.1f}s", paths, 3000, 400, per_image=per)
+    assert short.mode == "head"
+
+
+def test_a_budget_run_on_enough_images_tunes_the_top_and_stays_within_it(tmp_path):
+    """End to end: 1,015 training images and a generous budget give a --mode top run (its epochs as
+    planned), well above chance, recorded with the plan and the seconds spent, inside the budget."""
+    from foldernet.demo import write_digits
+
+    data = write_digits(tmp_path / "data", per_class=145, seed=5, size=32)  # 1,015 training images
+    r = foldernet.train(data, out=tmp_path / "run", budget="20m", img_size=32, progress=False, report=False)
+    plan = r.metrics["plan"]
+    assert plan["chosen"]["mode"] == "top" and r.config["mode"] == "top"
+    assert len(r.metrics["history"]) == plan["chosen"]["epochs"] and "top" in r.metrics
+    assert r.metrics["splits"]["test"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert plan["spent_s"] <= plan["budget_s"]
 
 
 @pytest.mark.parametrize("options, words", [

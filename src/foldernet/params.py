@@ -154,8 +154,9 @@ TRAIN = [
        "(twice the compute per prediction); auto keeps it when it lowers the validation loss",
        choices=("off", "flip", "auto"), section="model"),
     _p("budget", str, None, "time for the whole run, e.g. 90s, 5m, 1h: foldernet measures this machine and picks the "
-       "backbones, feature-bank views and test-time flip that fit (shown before it starts); overrides "
-       "--backbone, --views and --tta", optional=True, section="model"),
+       "backbones, feature-bank views, test-time flip and, from 1,000 training images, whether to tune the "
+       "top stages (--mode top) that fit (shown before it starts); overrides --backbone, --views, --tta and "
+       "--epochs", optional=True, section="model"),
     _p("spectrogram_stats", bool, False, "audio, head mode: append spectrogram statistics per time segment "
        "(band levels, MFCCs, envelope); for clips of one sound event each, such as instrument notes",
        section="model"),

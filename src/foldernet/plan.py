@@ -5,7 +5,10 @@ Before any training, foldernet times the default backbone on a sample of the use
 by their measured relative cost, adds one-off exports not yet in the cache, and picks the richest plan
 whose estimate fits the budget with a margin. Plans are ordered by what they bought in accuracy per
 second in the probes noted in README and ``benchmarks/vs_fastai.py``: a mirror view in the feature
-bank with test-time flip first, then the ensembles lite0+lite1 and lite0+lite1+lite2, each with both.
+bank with test-time flip first, then the ensembles lite0+lite1 and lite0+lite1+lite2, each with both,
+and, on sets with at least ``TOP_MIN_TRAIN`` training images, ``--mode top`` (lite0's last two stages
+tuned on cached activations): on clothing's 3,068 training images it beat every frozen plan (91.0 %
+against 90.5 % for lite0+lite1+lite2, 3 seeds), on 245-300 it lost to the ensemble by 1-2.4 points.
 The plan is shown before work starts and recorded in the run's metrics with the estimate and the
 time actually spent.
 """
@@ -26,6 +29,14 @@ RELATIVE_COST = {"tf_efficientnet_lite0": 1.0, "tf_efficientnet_lite1": 1.45, "t
 EXPORT_IMAGES = {"tf_efficientnet_lite0": 1800, "tf_efficientnet_lite1": 3000, "tf_efficientnet_lite2": 5000}
 FIXED_SECONDS = 8.0   # scanning, head fits, calibration, writing the bundle and report
 MARGIN = 0.8          # plan to use at most this share of the budget
+# --mode top, per image and relative to lite0's features (decode included), measured on clothing (2
+# cores, 3 seeds): a trunk view 66 s per 6136 (1.1x), a training epoch 27 s per 3068 (0.93x), the
+# pooled features through the tuned top afterwards 20 s per ~6800 rows (0.3x)
+TOP_TRUNK_VIEW, TOP_EPOCH, TOP_FEATURES = 1.1, 0.93, 0.3
+TOP_MIN_TRAIN = 1000  # below this the frozen ensembles won (hymenoptera, clothing-30); at 3068 top did
+# the default, then one fewer when only that fits (3 epochs: 89.2 % on clothing seed 0, no better than
+# lite0+lite1, so not offered)
+TOP_EPOCHS = (5, 4)
 
 
 @dataclass(frozen=True)
@@ -34,10 +45,14 @@ class Plan:
     views: int
     tta: str
     estimate_s: float = 0.0
+    mode: str = "head"
+    epochs: int | None = None   # top mode's epochs
 
     def describe(self) -> str:
         parts = [f"backbone {self.backbone}", f"{self.views} view{'s' if self.views > 1 else ''} per training image",
                  f"test-time flip {self.tta}"]
+        if self.mode == "top":
+            parts.insert(1, f"--mode top (its last 2 stages tuned, {self.epochs} epochs)")
         return ", ".join(parts)
 
 
@@ -48,6 +63,7 @@ CANDIDATES = (
     Plan(DEFAULT_BACKBONE, 2, "auto"),
     Plan("tf_efficientnet_lite0+tf_efficientnet_lite1", 2, "auto"),
     Plan("tf_efficientnet_lite0+tf_efficientnet_lite1+tf_efficientnet_lite2", 2, "auto"),
+    Plan(DEFAULT_BACKBONE, 3, "auto", mode="top", epochs=TOP_EPOCHS[0]),
 )
 
 
@@ -82,6 +98,11 @@ def estimate(plan: Plan, n_items: int, n_train: int, n_held: int, per_image: flo
     the fixed part."""
     total = FIXED_SECONDS
     flip = (n_train if plan.views >= 2 else 0) + (n_held if plan.tta != "off" and image else 0)
+    if plan.mode == "top":  # one pass for features + trunk, the trunk's further views, epochs, features after
+        total += per_image * (n_items + TOP_TRUNK_VIEW * (flip + max(0, plan.views - 2) * n_train)
+                              + TOP_EPOCH * (plan.epochs or TOP_EPOCHS[0]) * n_train
+                              + TOP_FEATURES * (n_items + flip))
+        return total + per_image * EXPORT_IMAGES.get(plan.backbone, 5000)  # its two graphs, exported each run
     for member in ensemble_members(plan.backbone):
         cost = per_image * RELATIVE_COST.get(member, 2.0)
         total += cost * (n_items + flip + max(0, plan.views - 2) * n_train)
@@ -90,19 +111,32 @@ def estimate(plan: Plan, n_items: int, n_train: int, n_held: int, per_image: flo
     return total
 
 
-def choose(budget: str, paths: list, n_train: int, n_held: int, kind: str = "image") -> tuple[Plan, dict]:
-    """The plan for ``budget`` on these files: (plan, facts for the run's record)."""
+def choose(budget: str, paths: list, n_train: int, n_held: int, kind: str = "image",
+           per_image: float | None = None) -> tuple[Plan, dict]:
+    """The plan for ``budget`` on these files: (plan, facts for the run's record). ``per_image``: lite0's
+    seconds per file when already measured (:func:`seconds_per_image`), else measured here."""
     seconds = parse_duration(budget)
-    per_image, measured = seconds_per_image(paths)
+    per_image, measured = seconds_per_image(paths) if per_image is None else (per_image, 0.0)
     exported = {p.backbone: _exported(p.backbone) for p in CANDIDATES}
     rows = []
     chosen = None
     image = kind == "image"
     for plan in CANDIDATES:
+        if plan.mode == "top":
+            if not image or n_train < TOP_MIN_TRAIN:
+                rows.append({**asdict(plan), "estimate_s": None, "skipped": f"--mode top needs images and at least "
+                             f"{TOP_MIN_TRAIN} training items (here {n_train} {kind} items)"})
+                continue
+            # one epoch fewer when only that fits
+            fitting = [Plan(plan.backbone, plan.views, plan.tta, mode="top", epochs=e) for e in TOP_EPOCHS]
+            fitting = [p for p in fitting if estimate(p, len(paths), n_train, n_held, per_image, exported)
+                       + measured <= MARGIN * seconds]
+            plan = fitting[0] if fitting else plan
         est = estimate(plan, len(paths), n_train, n_held, per_image, exported, image)
         rows.append({**asdict(plan), "estimate_s": round(est, 1)})
         if est + measured <= MARGIN * seconds or chosen is None:
-            chosen = Plan(plan.backbone, plan.views, plan.tta if image else "off", round(est, 1))
+            chosen = Plan(plan.backbone, plan.views, plan.tta if image else "off", round(est, 1), plan.mode,
+                          plan.epochs)
     fits = chosen.estimate_s + measured <= MARGIN * seconds
     facts = {"budget_s": seconds, "seconds_per_image_lite0": round(per_image, 5), "measure_s": round(measured, 1),
              "exported": exported, "candidates": rows, "chosen": asdict(chosen), "fits": fits}

@@ -130,14 +130,16 @@ class TopResult:
 def train_top(encoder, head, paths: list, rows_train: np.ndarray, rows_val: np.ndarray, y: np.ndarray,
               views: int, stages: int, epochs: int, lr: float, class_weights: np.ndarray | None,
               mirror_held: bool = False, engine: str = "onnx", seed: int = 0, progress: bool = True,
-              view0: tuple[np.ndarray, np.ndarray] | None = None) -> TopResult:
+              view0: tuple[np.ndarray, np.ndarray] | None = None, deadline: float | None = None) -> TopResult:
     """Tune the last ``stages`` stages of ``encoder.model`` (in place) and the head, from the head
     trained on frozen features; keep the epoch with the best validation macro-F1, or the untouched
     network when no epoch beats it. ``paths``: every item; ``rows_train``/``rows_val``: indices into
     them; ``y``: every item's label. Returns the tuned head and the pooled features, through the tuned
     network, of every item (view 0) and of the mirror images (view 1: of the training items when
     ``views`` >= 2, of the others with ``mirror_held``, for --tta). ``view0``: (item indices, their
-    trunk activations) from ``first_pass``, so that pass over the files is not repeated."""
+    trunk activations) from ``first_pass``, so that pass over the files is not repeated. ``deadline``
+    (a ``time.perf_counter()`` value, from ``--budget``): no epoch starts that would end after it, with
+    the pooled features still to compute."""
     import torch
     from sklearn.metrics import f1_score
     from torch import nn
@@ -220,7 +222,11 @@ def train_top(encoder, head, paths: list, rows_train: np.ndarray, rows_val: np.n
                                                 pct_start=0.15)
     weight = torch.from_numpy(np.asarray(class_weights, np.float32)) if class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=TOP_LABEL_SMOOTHING)
+    t_val = time.perf_counter()
     acc, best_f1, vloss = validate()
+    # the pooled features of every row after training cost about what validation does per row
+    rows_after = sum(len(acts[v][0]) for v in acts if v <= 1)
+    after_s = (time.perf_counter() - t_val) * rows_after / max(1, len(val_rows))
     console.print(f"before tuning the top {stages} stage(s): val acc {acc:.4f}  val macro-F1 {best_f1:.4f}",
                   markup=False)
     best, best_epoch = copy.deepcopy(net.state_dict()), 0
@@ -229,6 +235,11 @@ def train_top(encoder, head, paths: list, rows_train: np.ndarray, rows_val: np.n
     t_train = time.perf_counter()
     for epoch in range(epochs):
         t0 = time.perf_counter()
+        if deadline is not None and epoch and t0 + (t0 - t_train) / epoch + after_s > deadline:
+            console.print(f"budget: stopping after {epoch} of {epochs} top epochs (another would end past the "
+                          "budget)", markup=False)
+            info["stopped_for_budget"] = epoch
+            break
         order = torch.randperm(len(pool), generator=g).numpy()
         pick = torch.randint(0, 1 << 30, (len(pool),), generator=g).numpy()
 

@@ -31,6 +31,8 @@ from .spec import TrainSpec
 from .split import apply_grouping, resolve_splits, split_counts, write_splits_csv
 
 log = logging.getLogger("foldernet")
+# --budget in top mode: seconds kept after the tuning for calibration, scoring and writing the bundle
+FIXED_AFTER_TOP_S = 8.0
 
 
 @dataclass
@@ -104,7 +106,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
         top_info = None
         if spec.model.mode == "top":
             t = time.perf_counter()
-            encoder, head, views, top_info = top_stage(encoder, head, ds, rows, spec, weights, feats, view0)
+            deadline = t0 + plan["budget_s"] - FIXED_AFTER_TOP_S if plan else None
+            encoder, head, views, top_info = top_stage(encoder, head, ds, rows, spec, weights, feats, view0, deadline)
             view0 = None  # the activations (hundreds of MB on a few thousand images) are not needed again
             timings["top"] = time.perf_counter() - t
         if spec.model.mode == "finetune":
@@ -178,13 +181,16 @@ def plan_run(ds: Dataset, spec: TrainSpec, verbose: bool = True) -> tuple[TrainS
     chosen, facts = choose(spec.model.budget, [it.path for it in ds.items], n - n_held, n_held, ds.kind)
     if verbose:
         for row in facts["candidates"]:
-            mark = "->" if (row["backbone"], row["views"]) == (chosen.backbone, chosen.views) else "  "
-            console.print(f" {mark} {row['backbone']}, {row['views']} view(s), flip {row['tta']}: about "
-                          f"{row['estimate_s']:.0f} s", markup=False)
+            same = (row["backbone"], row["views"], row["mode"]) == (chosen.backbone, chosen.views, chosen.mode)
+            what = f"{row['backbone']}{', --mode top' if row['mode'] == 'top' else ''}, {row['views']} view(s), " \
+                   f"flip {row['tta']}"
+            cost = f"about {row['estimate_s']:.0f} s" if row["estimate_s"] is not None else row["skipped"]
+            console.print(f" {'->' if same else '  '} {what}: {cost}", markup=False)
         note = "" if facts["fits"] else " (the cheapest plan; even it may exceed the budget)"
         console.print(f"plan: {chosen.describe()}; estimate {chosen.estimate_s:.0f} s of "
                       f"{facts['budget_s']:.0f} s{note}", markup=False)
-    return spec.with_options(backbone=chosen.backbone, views=chosen.views, tta=chosen.tta), facts
+    top = {"mode": "top", "epochs": chosen.epochs} if chosen.mode == "top" else {}
+    return spec.with_options(backbone=chosen.backbone, views=chosen.views, tta=chosen.tta, **top), facts
 
 
 def keep_within_budget(spec: TrainSpec, plan: dict, elapsed: float, feats, rows: Rows) -> TrainSpec:
@@ -402,7 +408,7 @@ def finetune_stage(encoder: Encoder, head: LinearHead | None, ds: Dataset, rows:
 
 
 def top_stage(encoder: Encoder, head: LinearHead, ds: Dataset, rows: Rows, spec: TrainSpec,
-              weights: np.ndarray | None, feats, view0: np.ndarray | None = None
+              weights: np.ndarray | None, feats, view0: np.ndarray | None = None, deadline: float | None = None
               ) -> tuple[Encoder, LinearHead, Views, dict]:
     """The backbone's last stages and the head, on cached activations of the frozen stages (top.py);
     then every item's features (and, for --tta, the held-out mirror images) through the tuned network,
@@ -417,7 +423,7 @@ def top_stage(encoder: Encoder, head: LinearHead, ds: Dataset, rows: Rows, spec:
                        stages=spec.finetune.top_stages, epochs=spec.finetune.epochs, lr=spec.finetune.finetune_lr,
                        class_weights=weights, mirror_held=spec.model.tta != "off" and modality(ds.kind).supports_flip,
                        engine=spec.model.engine, seed=spec.split.seed, progress=spec.run.progress,
-                       view0=acts0)
+                       view0=acts0, deadline=deadline)
     idx, vectors = result.vectors[0]
     usable = feats.ok[idx]
     feats.vectors[idx[usable]] = vectors[usable]
