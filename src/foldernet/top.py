@@ -138,8 +138,8 @@ def train_top(encoder, head, paths: list, rows_train: np.ndarray, rows_val: np.n
     network, of every item (view 0) and of the mirror images (view 1: of the training items when
     ``views`` >= 2, of the others with ``mirror_held``, for --tta). ``view0``: (item indices, their
     trunk activations) from ``first_pass``, so that pass over the files is not repeated. ``deadline``
-    (a ``time.perf_counter()`` value, from ``--budget``): no epoch starts that would end after it, with
-    the pooled features still to compute."""
+    (a ``time.perf_counter()`` value, from ``--budget``): after the first epoch (which times them), no
+    epoch starts that would end after it, with the pooled features still to compute."""
     import torch
     from sklearn.metrics import f1_score
     from torch import nn
