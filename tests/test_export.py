@@ -133,12 +133,13 @@ def openvino_export(trained_run, tmp_path_factory):
 
 def test_openvino_export_agrees_with_pytorch_and_reports_the_runtime_default(openvino_export, trained_run,
                                                                              digits_dir):
-    from foldernet.export import table_rows
+    from foldernet.export import check_replaceable, table_rows
     from foldernet.openvino_ir import OpenVINOClassifier, runtime_precision
 
     out, report = openvino_export
     assert report["fp32"]["top1_agreement"] == 1.0 and report["fp32"]["max_prob_diff"] < 1e-3
     assert sorted(p.name for p in (out / "model.openvino").iterdir()) == ["model.bin", "model.xml"]
+    check_replaceable(out / "model.openvino")  # what foldernet wrote, --force may replace
     clf = foldernet.load(out / "model.openvino")  # the folder, as the bundle loader is given it
     assert isinstance(clf, OpenVINOClassifier) and clf.precision == "f32"
     _answers_like_the_bundle(clf, trained_run.run_dir, sorted((digits_dir / "5_five").glob("*.png"))[:4])
@@ -198,6 +199,39 @@ def test_missing_optional_extra_gives_the_install_line(trained_run, tmp_path):
         text = proc.stdout + proc.stderr
         assert f"pip install 'foldernet[{extra}]'" in text and "Traceback" not in text
         assert not (tmp_path / fmt).exists()  # checked before any work
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_force_replaces_only_what_foldernet_wrote_in_its_export_folder(exported, tmp_path, fmt):
+    """--force in a marked export folder still refuses, before any work, to replace what the user put
+    at a target: a folder holding their files (the int8 twin's name included), or a symbolic link to
+    their own file. Their files stay as they were."""
+    import shutil
+
+    if fmt == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra: pip install 'foldernet[openvino]'")
+    folder, _ = exported
+    out = tmp_path / "export"
+    shutil.copytree(folder, out)  # carries the export marker
+    name = {"onnx": "model.onnx", "openvino": "model.openvino"}[fmt]
+    twin = name.replace("model.", "model.int8.")
+    for target in (name, twin):
+        if (out / target).is_dir():
+            shutil.rmtree(out / target)
+        else:
+            (out / target).unlink(missing_ok=True)
+        (out / target).mkdir()
+        (out / target / "notes.txt").write_text("the user's own file")
+        with pytest.raises(FoldernetError, match=r"holds files foldernet does not write there \(notes.txt\)"):
+            foldernet.export(folder.parent, out=out, format=fmt, int8=True, force=True)
+        assert (out / target / "notes.txt").read_text() == "the user's own file"
+        shutil.rmtree(out / target)
+    mine = tmp_path / "mine.bin"
+    mine.write_text("the user's own file")
+    (out / name).symlink_to(mine)
+    with pytest.raises(FoldernetError, match="is a symbolic link"):
+        foldernet.export(folder.parent, out=out, format=fmt, force=True)
+    assert mine.read_text() == "the user's own file" and (out / name).is_symlink()
 
 
 def test_quantize_int8_leaves_files_beside_the_model_alone(exported, tmp_path):

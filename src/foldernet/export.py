@@ -106,14 +106,44 @@ def _latency_ms(predictor, row: np.ndarray, repeats: int = 15) -> float:
     return round(float(np.median(times)) * 1000, 2)
 
 
+# What a model folder holds when foldernet writes it. The export folder's marker proves the folder is
+# foldernet's, not what a user may have put inside it: an existing folder at a target is replaced only
+# when it holds nothing else.
+MODEL_FOLDER_ENTRIES = {".openvino": {"model.xml", "model.bin"}, ".mlpackage": {"Manifest.json", "Data"}}
+
+
+def int8_path(target: Path) -> Path:
+    """Where the int8 twin of an export target goes: model.onnx -> model.int8.onnx, and so on."""
+    return target.with_name(target.stem + ".int8" + target.suffix)
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse, with the path and the fix, to replace what foldernet cannot have written there: a
+    symbolic link, or a folder holding anything a model folder of its kind does not."""
+    if path.is_symlink():
+        raise FoldernetError(f"{path} is a symbolic link, which foldernet never writes; remove it or choose "
+                             "another --out")
+    if path.is_dir():
+        extra = sorted({p.name for p in path.iterdir()} - MODEL_FOLDER_ENTRIES.get(path.suffix, set()))
+        if extra:
+            raise FoldernetError(f"{path} holds files foldernet does not write there ({', '.join(extra[:3])}); "
+                                 "move them away or choose another --out")
+
+
 def _replace(tmp: Path, target: Path) -> None:
-    """Move a finished file or folder (an .mlpackage, an OpenVINO IR) into place; the old one was
-    foldernet's (the export folder carries its marker)."""
-    _remove(target)
+    """Move a finished file or folder (an .mlpackage, an OpenVINO IR) into place. A file replaces the
+    old one atomically; an old folder (which os.replace cannot overwrite) is removed first, once
+    ``check_replaceable`` has shown it is a model folder."""
+    import shutil
+
+    check_replaceable(target)
+    if target.is_dir():
+        shutil.rmtree(target)
     os.replace(tmp, target)
 
 
 def _remove(path: Path) -> None:
+    """Delete a file or folder this export has just written itself (a refused file, an int8 file not kept)."""
     import shutil
 
     if path.is_dir() and not path.is_symlink():
@@ -156,6 +186,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None, data: s
                              "choose a new or empty folder")
     if target.exists() and not force:
         raise FoldernetError(f"{target} already exists; pass --force to replace it")
+    for path in (target, int8_path(target)) if int8 else (target,):  # --force replaces only foldernet's own
+        check_replaceable(path)
     clf = load(model_dir, engine="torch", use_cache=False)
     files = held_out_files(model_dir, data, limit=parity_limit)
     out.mkdir(parents=True, exist_ok=True)
@@ -430,7 +462,7 @@ class _Job:
         else:
             select_files, select_split = self.files, "the check split itself (no separate validation split)"
         select_ref, ok_sel, _ = fp32_predictor.predict_proba(select_files)
-        path8 = self.target.with_name(self.target.stem + ".int8" + self.target.suffix)
+        path8 = int8_path(self.target)
         import tempfile
 
         work = Path(tempfile.mkdtemp(prefix=".int8.", dir=self.out))
