@@ -266,9 +266,7 @@ class _Job:
                          "export_seconds": round(export_s, 1)}}
 
     def refuse(self, fmt: str, report: dict, tmp: Path) -> None:
-        import shutil
-
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _remove(tmp)
         atomic_write_json(self.out / PARITY[fmt], report)
         fp = report["fp32"]
         raise FoldernetError(f"the {fmt} export disagrees with PyTorch on {(1 - fp['top1_agreement']) * 100:.2f}% of "
@@ -334,7 +332,6 @@ class _Job:
     # --- OpenVINO ---
 
     def openvino(self, int8: bool) -> dict:
-        import shutil
         import tempfile
 
         from .openvino_ir import OpenVINOClassifier, runtime_precision, save_ir
@@ -342,14 +339,12 @@ class _Job:
         console.print("converting to OpenVINO IR...")
         t = time.perf_counter()
         module = _full_model(self.clf)
-        work = Path(tempfile.mkdtemp(prefix=".openvino.", dir=self.out))
-        try:
-            tmp = save_ir(self.write_onnx(module, work / "model.onnx"), work / self.target.name, self.meta)
+        with tempfile.TemporaryDirectory(prefix=".openvino.", dir=self.out, ignore_cleanup_errors=True) as work:
+            tmp = save_ir(self.write_onnx(module, Path(work) / "model.onnx"), Path(work) / self.target.name,
+                          self.meta)
             console.print("...then the OpenVINO runtime (f32)")
             report, predictor, bench = self.check_fp32("openvino", "OpenVINO", tmp, OpenVINOClassifier,
                                                        time.perf_counter() - t)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         default = runtime_precision()
         if default != "f32":  # what a plain compile_model gives a user on this CPU: measured, not assumed
             fast = OpenVINOClassifier(self.target, precision="default")
@@ -412,7 +407,7 @@ class _Job:
         report: dict = {"format": "coreml", "n": 0, "inputs": self.what,
                         "split_files_from": str(self.files[0].parent.parent)}
         module = _full_model(self.clf)
-        for precision, name in (("fp32", self.target.name), ("int8", "model.int8.mlpackage")):
+        for precision, name in (("fp32", self.target.name), ("int8", int8_path(self.target).name)):
             if precision == "int8" and not int8:
                 continue
             console.print(f"converting to Core ML ({'fp16 compute' if precision == 'fp32' else 'int8 weights'})...")
