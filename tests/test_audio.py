@@ -373,10 +373,13 @@ def test_finetune_validation_sees_every_window_as_predict_does(tmp_path):
     assert len(drawn) > 1
 
 
-def test_top_mode_is_refused_for_sound_before_work(sounds, tmp_path):
-    """--mode top caches activations per input, but a clip's windows are averaged after the backbone."""
+def test_top_mode_and_a_crop_are_refused_for_sound_before_work(sounds, tmp_path):
+    """--mode top caches activations per input, but a clip's windows are averaged after the backbone;
+    a spectrogram is rendered at the input size, so there is nothing to crop."""
     from foldernet.errors import FoldernetError
 
     with pytest.raises(FoldernetError, match="--mode top is for images, not audio"):
         foldernet.train(sounds, out=tmp_path / "x", mode="top", progress=False)
+    with pytest.raises(FoldernetError, match="--crop-pct 0.875 is for images"):
+        foldernet.train(sounds, out=tmp_path / "x", crop_pct=0.875, progress=False)
     assert not (tmp_path / "x").exists()

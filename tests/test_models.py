@@ -80,3 +80,45 @@ def test_preprocessing_matches_timm_eval_transform(sample_photos):
     for path in sample_photos.values():
         img = Image.open(path).convert("RGB")
         np.testing.assert_allclose(pre(img), tf(img).numpy(), atol=1e-5)
+
+
+def _edge_striped(path, colour, rng, size=(300, 400)):
+    """A portrait image of grey noise whose only signal is a stripe along its left edge (4 % of the width)."""
+    pixels = rng.integers(90, 166, (size[1], size[0], 3), dtype=np.uint8)
+    pixels[:, :12] = colour
+    Image.fromarray(pixels).save(path)
+
+
+def test_the_default_crop_keeps_the_whole_short_side(sample_photos, tmp_path):
+    from foldernet.encoder import Encoder
+
+    rng = np.random.default_rng(0)
+    _edge_striped(tmp_path / "red.png", (255, 0, 0), rng)
+    img = Image.open(tmp_path / "red.png").convert("RGB")
+    default = Encoder.build().preprocess
+    assert default.crop_pct == 1.0
+    # the stripe survives foldernet's default, and timm's ImageNet evaluation crop (0.875) cuts it off
+    assert default(img)[0, :, 0].mean() > 0.9 and default(img)[1, :, 0].mean() < -0.9
+    timm_crop = Preprocess.from_timm(create_backbone().data_config)
+    assert timm_crop.crop_pct == 0.875 and timm_crop(img)[0, :, 0].mean() < 0.5
+    assert Encoder.build(crop_pct=0.875).preprocess == timm_crop
+
+
+def test_a_label_at_the_image_edge_is_learned_with_the_default_crop_and_crop_pct_is_kept(tmp_path):
+    import foldernet
+
+    rng = np.random.default_rng(1)
+    for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(14):
+            _edge_striped(tmp_path / "data" / name / f"{i}.png", colour, rng)
+    run = foldernet.train(tmp_path / "data", out=tmp_path / "run", progress=False, report=False, seed=0)
+    m = run.metrics["splits"][run.metrics["reported_split"]]
+    assert m["accuracy"] >= 0.9, m
+    assert run.config["preprocess"]["crop_pct"] == 1.0
+    probs, ok, _ = foldernet.load(run.run_dir).predict_proba([tmp_path / "data" / "blue" / "0.png"])
+    assert ok[0] and run.config["labels"][int(np.argmax(probs[0]))] == "blue"
+    timm_run = foldernet.train(tmp_path / "data", out=tmp_path / "run875", progress=False, report=False, seed=0,
+                               crop_pct=0.875)
+    assert timm_run.config["preprocess"]["crop_pct"] == 0.875
+    assert foldernet.load(timm_run.run_dir).config.preprocess.crop_pct == 0.875

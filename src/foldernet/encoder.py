@@ -26,11 +26,11 @@ class Encoder:
     @classmethod
     def build(cls, name: str = DEFAULT_BACKBONE, kind: str = "image", weights: str | os.PathLike | None = None,
               img_size: int | None = None, audio: dict | None = None, paths: Sequence = (),
-              spectrogram_stats: bool = False, pretrained: bool = True) -> "Encoder":
+              spectrogram_stats: bool = False, pretrained: bool = True, crop_pct: float | None = None) -> "Encoder":
         """The backbone ``name`` set up for inputs of ``kind`` (image or audio); ``paths`` (a sample of
         the data) let audio settings follow the data's sample rates and clip lengths."""
         bb = create_backbone(name, weights=weights, pretrained=pretrained)
-        pre, audio_cfg = modality(kind).prepare(bb.data_config, img_size, audio, list(paths))
+        pre, audio_cfg = modality(kind).prepare(bb.data_config, img_size, audio, list(paths), crop_pct=crop_pct)
         enc = cls(bb, pre, audio_cfg)
         if spectrogram_stats:
             enc = enc.with_spectrogram_stats()

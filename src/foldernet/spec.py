@@ -38,6 +38,7 @@ class ModelSpec:
     weights: Path | None = None
     mode: str = "head"
     img_size: int | None = None
+    crop_pct: float | None = None     # images: None is modality.IMAGE_CROP_PCT
     engine: str = "onnx"
     tta: str = "off"
     budget: str | None = None

@@ -216,7 +216,7 @@ def build_encoder(ds: Dataset, spec: TrainSpec, verbose: bool = True) -> Encoder
     stats = m.spectrogram_stats and kind.supports_spectrogram_stats(m.mode)
     if m.spectrogram_stats and not stats and verbose:
         console.print("note: --spectrogram-stats applies to audio in head mode only; ignored here")
-    encoder = Encoder.build(m.backbone, ds.kind, weights=m.weights, img_size=m.img_size,
+    encoder = Encoder.build(m.backbone, ds.kind, weights=m.weights, img_size=m.img_size, crop_pct=m.crop_pct,
                             audio=spec.audio.overrides(), paths=[it.path for it in ds.items], spectrogram_stats=stats)
     if m.mode == "top":
         if not kind.supports_top_mode:
