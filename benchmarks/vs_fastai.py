@@ -144,7 +144,8 @@ def main() -> int:
         import fastai  # noqa: F401
     except ImportError:
         if not args.skip_fastai:
-            print("fastai not installed (pip install fastai): its rows are skipped", file=sys.stderr)
+            print("fastai not installed (pip install fastai): its rows are skipped, except those --reuse has",
+                  file=sys.stderr)
             args.skip_fastai = True
     rows: list[dict] = []
     earlier = {}
@@ -169,9 +170,9 @@ def main() -> int:
                 data = materialise(name, seed, tmp / "data")
                 if data is None:
                     break
-                if not args.skip_fastai:
-                    runs.append(run((name, seed, f"fastai fine_tune({FASTAI_EPOCHS})"),
-                                    lambda: run_fastai(data, seed, args.workers)))
+                fastai_key = (name, seed, f"fastai fine_tune({FASTAI_EPOCHS})")
+                if not args.skip_fastai or fastai_key in earlier:
+                    runs.append(run(fastai_key, lambda: run_fastai(data, seed, args.workers)))
                 os.environ["FOLDERNET_CACHE"] = str(tmp / f"cache-{name}-{seed}-default")  # cold
                 runs.append(run((name, seed, "foldernet train (default)"),
                                 lambda: run_foldernet(data, tmp / "run", seed, "foldernet train (default)")))
