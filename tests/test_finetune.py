@@ -195,7 +195,7 @@ def test_top_mode_skips_an_unreadable_file_and_still_tunes(small_digits, tmp_pat
     shutil.copytree(small_digits, data)
     first = sorted(p for p in data.iterdir() if p.is_dir())[0]
     (first / "broken.png").write_bytes(b"not an image")
-    tuned = foldernet.train(data, out=tmp_path / "top", mode="top", epochs=3, views=1, report=False,
+    tuned = foldernet.train(data, out=tmp_path / "top", mode="top", epochs=8, views=1, report=False,
                             **{**SMALL, "img_size": 48})
     assert [rel for rel, _ in tuned.skipped] == [f"{first.name}/broken.png"]
     assert tuned.metrics["top"]["kept_epoch"] >= 1

@@ -100,10 +100,10 @@ def estimate(plan: Plan, n_items: int, n_train: int, n_held: int, per_image: flo
     total = FIXED_SECONDS
     flip = (n_train if plan.views >= 2 else 0) + (n_held if plan.tta != "off" and image else 0)
     if plan.mode == "top":  # one pass for features + trunk, the trunk's further views, epochs, features after
-        views = flip + max(0, plan.views - 2) * n_train
+        views = flip + max(0, plan.views - 2) * n_train  # (of every item and the held-out mirror images)
         return total + per_image * (TOP_FIRST_PASS * n_items + TOP_TRUNK_VIEW * views
                                     + TOP_EPOCH * (plan.epochs or TOP_EPOCHS[0]) * n_train
-                                    + TOP_FEATURES * (n_items + flip))
+                                    + TOP_FEATURES * (n_items + (n_held if plan.tta != "off" and image else 0)))
     for member in ensemble_members(plan.backbone):
         cost = per_image * RELATIVE_COST.get(member, 2.0)
         total += cost * (n_items + flip + max(0, plan.views - 2) * n_train)
