@@ -236,7 +236,9 @@ def test_damaged_or_missing_similar_index(run_copy, digits_dir):
 
 
 def test_damaged_onnx_export_is_named_before_serving(run_copy):
-    (run_copy / "export").mkdir(exist_ok=True)
+    # only the damaged file: an int8 twin that an earlier test's export kept would be served instead
+    shutil.rmtree(run_copy / "export", ignore_errors=True)
+    (run_copy / "export").mkdir()
     (run_copy / "export" / "model.onnx").write_bytes(b"\x08\x07\x12\x08" + os.urandom(2000))
     from foldernet.onnx_predictor import OnnxClassifier
 
