@@ -226,12 +226,34 @@ def test_force_replaces_only_what_foldernet_wrote_in_its_export_folder(exported,
             foldernet.export(folder.parent, out=out, format=fmt, int8=True, force=True)
         assert (out / target / "notes.txt").read_text() == "the user's own file"
         shutil.rmtree(out / target)
+    if fmt == "openvino":  # their file deeper down, beside a model folder's own entries
+        (out / name / "model.bin").mkdir(parents=True)
+        (out / name / "model.xml").write_text("<net/>")
+        (out / name / "model.bin" / "notes.txt").write_text("the user's own file")
+        with pytest.raises(FoldernetError, match=r"does not write there \(model.bin/notes.txt\)"):
+            foldernet.export(folder.parent, out=out, format=fmt, force=True)
+        assert (out / name / "model.bin" / "notes.txt").read_text() == "the user's own file"
+        shutil.rmtree(out / name)
     mine = tmp_path / "mine.bin"
     mine.write_text("the user's own file")
     (out / name).symlink_to(mine)
     with pytest.raises(FoldernetError, match="is a symbolic link"):
         foldernet.export(folder.parent, out=out, format=fmt, force=True)
     assert mine.read_text() == "the user's own file" and (out / name).is_symlink()
+
+
+def test_a_core_ml_package_is_replaceable_only_when_it_holds_what_coremltools_writes(tmp_path):
+    from foldernet.export import check_replaceable
+
+    package = tmp_path / "model.mlpackage"
+    (package / "Data" / "com.apple.CoreML" / "weights").mkdir(parents=True)
+    (package / "Manifest.json").write_text("{}")
+    (package / "Data" / "com.apple.CoreML" / "model.mlmodel").write_bytes(b"spec")
+    (package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").write_bytes(b"w")
+    check_replaceable(package)
+    (package / "Data" / "holiday.jpg").write_bytes(b"the user's own file")
+    with pytest.raises(FoldernetError, match=r"does not write there \(Data/holiday.jpg\)"):
+        check_replaceable(package)
 
 
 def test_quantize_int8_leaves_files_beside_the_model_alone(exported, tmp_path):

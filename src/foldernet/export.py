@@ -106,10 +106,13 @@ def _latency_ms(predictor, row: np.ndarray, repeats: int = 15) -> float:
     return round(float(np.median(times)) * 1000, 2)
 
 
-# What a model folder holds when foldernet writes it. The export folder's marker proves the folder is
-# foldernet's, not what a user may have put inside it: an existing folder at a target is replaced only
-# when it holds nothing else.
-MODEL_FOLDER_ENTRIES = {".openvino": {"model.xml", "model.bin"}, ".mlpackage": {"Manifest.json", "Data"}}
+# Every path inside a model folder when foldernet writes it (OpenVINO's IR, coremltools' .mlpackage).
+# The export folder's marker proves the folder is foldernet's, not what a user may have put inside it:
+# an existing folder at a target is replaced only when it holds nothing else, at any depth.
+_COREML = "Data/com.apple.CoreML"
+MODEL_FOLDER_ENTRIES = {".openvino": {"model.xml", "model.bin"},
+                        ".mlpackage": {"Manifest.json", "Data", _COREML, f"{_COREML}/model.mlmodel",
+                                       f"{_COREML}/weights", f"{_COREML}/weights/weight.bin"}}
 
 
 def int8_path(target: Path) -> Path:
@@ -124,7 +127,8 @@ def check_replaceable(path: Path) -> None:
         raise FoldernetError(f"{path} is a symbolic link, which foldernet never writes; remove it or choose "
                              "another --out")
     if path.is_dir():
-        extra = sorted({p.name for p in path.iterdir()} - MODEL_FOLDER_ENTRIES.get(path.suffix, set()))
+        inside = {p.relative_to(path).as_posix() for p in path.rglob("*")}
+        extra = sorted(inside - MODEL_FOLDER_ENTRIES.get(path.suffix, set()))
         if extra:
             raise FoldernetError(f"{path} holds files foldernet does not write there ({', '.join(extra[:3])}); "
                                  "move them away or choose another --out")
