@@ -98,7 +98,8 @@ def test_the_default_crop_keeps_the_whole_short_side(sample_photos, tmp_path):
     default = Encoder.build().preprocess
     assert default.crop_pct == 1.0
     # the stripe survives foldernet's default, and timm's ImageNet evaluation crop (0.875) cuts it off
-    assert default(img)[0, :, 0].mean() > 0.9 and default(img)[1, :, 0].mean() < -0.9
+    pixels = default(img)
+    assert pixels[0, :, 0].mean() > 0.9 and pixels[1, :, 0].mean() < -0.9
     timm_crop = Preprocess.from_timm(create_backbone().data_config)
     assert timm_crop.crop_pct == 0.875 and timm_crop(img)[0, :, 0].mean() < 0.5
     assert Encoder.build(crop_pct=0.875).preprocess == timm_crop

@@ -137,7 +137,8 @@ def test_a_folder_that_appears_while_a_run_is_written_is_not_replaced(tmp_path):
 
 BAD_TRAIN = [
     (["--epochs", "-1"], "--epochs"), (["--epochs", "0"], "--epochs"), (["--img-size", "0"], "--img-size"),
-    (["--img-size", "-5"], "--img-size"), (["--crop-pct", "1.5"], "--crop-pct"), (["--batch-size", "0"], "--batch-size"), (["--lr", "-1"], "--lr"),
+    (["--img-size", "-5"], "--img-size"), (["--crop-pct", "1.5"], "--crop-pct"),
+    (["--batch-size", "0"], "--batch-size"), (["--lr", "-1"], "--lr"),
     (["--engine", "banana"], "--engine"), (["--val", "0.6", "--test", "0.5"], "--val + --test"),
     (["--mode", "finetune", "--lr", "-1"], "--lr"), (["--group-by", "regex:("], "regular expression"),
 ]

@@ -91,8 +91,7 @@ class ImageModality(Modality):
         if data_config.get("audio"):
             raise FoldernetError("this backbone was trained on sound (spectrograms) and cannot read images: "
                                  "use an image backbone such as tf_efficientnet_lite0")
-        return replace(_preprocess(data_config, img_size), crop_pct=IMAGE_CROP_PCT if crop_pct is None
-                       else float(crop_pct)), None
+        return _preprocess(data_config, img_size, IMAGE_CROP_PCT if crop_pct is None else crop_pct), None
 
     def skip_reason(self, fingerprint: dict) -> str | None:
         from .fingerprint import is_low_information
@@ -148,7 +147,7 @@ class AudioModality(Modality):
                 raise FoldernetError(f"this backbone needs audio {key.replace('_', ' ')} {needs[key]} (it was "
                                      f"trained so), not {value}: drop that setting")
         cfg = config_for(list(paths or []), {**needs, **chosen})
-        return replace(_preprocess(data_config, img_size), crop_pct=1.0), cfg
+        return _preprocess(data_config, img_size, 1.0), cfg
 
     def supports_spectrogram_stats(self, mode: str) -> bool:
         return mode == "head"
@@ -214,9 +213,10 @@ def media_extensions() -> frozenset[str]:
     return frozenset().union(*(m.extensions for m in MODALITIES.values()))
 
 
-def _preprocess(data_config: dict, img_size: int | None) -> Preprocess:
+def _preprocess(data_config: dict, img_size: int | None, crop_pct: float) -> Preprocess:
+    """The backbone's eval transform at ``img_size`` (None: its own) with ``crop_pct`` of the short side kept."""
     pre = Preprocess.from_timm(data_config)
-    return replace(pre, size=int(img_size)) if img_size else pre
+    return replace(pre, size=int(img_size or pre.size), crop_pct=float(crop_pct))
 
 
 def for_dataset(data_config: dict, kind: str = "image", img_size: int | None = None, audio: dict | None = None,
