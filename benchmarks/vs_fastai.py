@@ -102,7 +102,8 @@ def run_foldernet(data: Path, out: Path, seed: int, label: str, **options) -> di
     wall = time.perf_counter() - t
     m = r.metrics["splits"]["val"]
     return {"tool": label, "wall_s": round(wall, 1), "accuracy": round(m["accuracy"], 4),
-            "macro_f1": round(m["macro_f1"], 4), "n_val": m["n"], "backbone": r.config["backbone"],
+            "macro_f1": round(m["macro_f1"], 4), "n_val": m["n"], "ece": round(m["ece"], 4),
+            "ece_if_calibrated": m["ece_if_calibrated"]["mean"], "backbone": r.config["backbone"],
             "plan": json.dumps(r.metrics.get("plan", {}).get("chosen", ""))}
 
 
@@ -191,7 +192,8 @@ def main() -> int:
             rows += runs
     if not rows:
         return 0
-    print_table(rows, ["dataset", "seed", "tool", "wall_s", "accuracy", "macro_f1", "n_val", "backbone", "plan"],
+    print_table(rows, ["dataset", "seed", "tool", "wall_s", "accuracy", "macro_f1", "n_val", "ece", "ece_if_calibrated",
+                       "backbone", "plan"],
                 "vs_fastai runs")
     print_table(summarise(rows), ["dataset", "tool", "runs", "accuracy", "accuracy_sd", "macro_f1", "macro_f1_sd",
                                   "wall_s", "wall_s_sd", "points_vs_fastai", "time_vs_fastai"], "vs_fastai")

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 import foldernet
+from foldernet.calibration import ece_if_calibrated
 from foldernet.evaluate import choose_threshold, expected_calibration_error
 from foldernet.report import SECTIONS
 
@@ -53,6 +54,21 @@ def test_threshold_rule_and_ece_on_known_numbers():
     probs[np.arange(400), y] = 0.8          # always right with confidence 0.8
     assert abs(choose_threshold(probs, y) - 0.8) < 1e-9
     assert abs(expected_calibration_error(probs.max(1), np.ones(400, bool)) - 0.2) < 1e-9
+
+
+def test_ece_chance_band_separates_chance_from_miscalibration():
+    """A calibrated model's ECE on a few hundred items is not zero; the band says how far chance goes,
+    and an overconfident model lands outside it."""
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.4, 1.0, 341)
+    band = ece_if_calibrated(conf)
+    assert 0.01 < band["mean"] < band["p95"] < 0.1
+    calibrated = [expected_calibration_error(conf, rng.random(341) < conf) for _ in range(50)]
+    assert np.mean(np.array(calibrated) <= band["p95"]) >= 0.8
+    overconfident = expected_calibration_error(conf, rng.random(341) < conf - 0.15)
+    assert overconfident > band["p95"]
+    # more items, a narrower band
+    assert ece_if_calibrated(rng.uniform(0.4, 1.0, 5000))["mean"] < band["mean"] / 2
 
 
 def test_similar_returns_the_flipped_copy_of_a_training_image_first(trained_run, digits_dir, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import (K_NEIGHBOURS, NOT_SURE_QUANTILE, choose_threshold, choose_thresholds,  # noqa: F401
-                          expected_calibration_error, not_sure_mask, reliability_bins, risk_coverage)
+                          ece_if_calibrated, expected_calibration_error, not_sure_mask, reliability_bins, risk_coverage)
 from .errors import FoldernetError
 
 
@@ -158,6 +158,7 @@ def score_split(probs: np.ndarray, y: np.ndarray, labels: list[str], raw: np.nda
     correct = probs.argmax(1) == y
     m["risk_coverage"] = risk_coverage(probs, y)
     m["ece"] = expected_calibration_error(probs.max(1), correct)
+    m["ece_if_calibrated"] = ece_if_calibrated(probs.max(1))
     m["reliability"] = reliability_bins(probs.max(1), correct)
     if raw is not None:
         m["ece_uncalibrated"] = expected_calibration_error(raw.max(1), raw.argmax(1) == y)

@@ -65,6 +65,15 @@ def curves_png(history: list[dict]) -> bytes | None:
     return _png(fig)
 
 
+def _ece_chance(m: dict) -> str:
+    """How much ECE a perfectly calibrated model would show on this split by chance alone."""
+    band = m.get("ece_if_calibrated")
+    if not band:
+        return ""
+    return (f"; a perfectly calibrated model would show {band['mean']:.4f} on these {m.get('n', '')} items by "
+            f"chance (95 % of draws below {band['p95']:.4f})")
+
+
 def reliability_png(m: dict) -> bytes | None:
     if "reliability" not in m:
         return None
@@ -175,7 +184,7 @@ def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = N
                 rows.append([f"top-{k} accuracy", _pct(m[f"top{k}"])])
         if "ece" in m:
             rows.append(["expected calibration error", f"{m['ece_uncalibrated']:.4f} before, {m['ece']:.4f} after "
-                         f"temperature scaling (T = {cfg['temperature']:.3f})"])
+                         f"temperature scaling (T = {cfg['temperature']:.3f})" + _ece_chance(m)])
         if cfg.get("threshold") is not None:
             rows.append(["'not sure' threshold", f"{cfg['threshold']:.4f} ({e(cfg.get('threshold_rule', ''))}); "
                          f"{_pct(m.get('not_sure_rate'))} of this split is 'not sure', accuracy when sure "
