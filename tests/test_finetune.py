@@ -184,6 +184,20 @@ def test_top_mode_tunes_the_last_stages_on_cached_activations(small_digits, tmp_
     model = foldernet.load(out, engine="torch")
     preds = model.predict([small_digits / r["path"] for r in rows])
     assert [p.label for p in preds] == [r["predicted"] for r in rows]
+    # a label-smoothed head is calibrated on unit-normalised logits, in the bundle and in its ONNX graph
+    assert tuned.config["logit_norm"] is True and head.config["logit_norm"] is False
+    np.testing.assert_allclose([p.confidence for p in preds], [float(r["confidence"]) for r in rows], atol=2e-3)
+    import onnxruntime as ort
+
+    from foldernet.calibration import scaled_logits, softmax
+
+    foldernet.export(out)
+    onnx_model = foldernet.load(out / "export" / "model.onnx")
+    session = ort.InferenceSession(str(out / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    pixels = np.concatenate([onnx_model.pixels(small_digits / r["path"]) for r in rows[:8]])
+    probs, _, logits = session.run(["probabilities", "features", "logits"], {"input": pixels})
+    np.testing.assert_allclose(probs, softmax(scaled_logits(logits, tuned.config["temperature"], True)), atol=1e-5)
+    assert not np.allclose(probs, softmax(logits / tuned.config["temperature"]), atol=1e-3)
 
 
 def test_top_mode_skips_an_unreadable_file_and_still_tunes(small_digits, tmp_path):

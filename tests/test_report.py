@@ -56,6 +56,23 @@ def test_threshold_rule_and_ece_on_known_numbers():
     assert abs(expected_calibration_error(probs.max(1), np.ones(400, bool)) - 0.2) < 1e-9
 
 
+def test_logit_normalisation_reorders_confidence_but_never_an_answer():
+    """Unit-normalised logits: an answer whose logits are all large (a label-smoothed head's confident
+    mistake looks like that) loses confidence against a clear-cut one; the argmax never moves."""
+    from foldernet.calibration import scaled_logits, softmax
+    from foldernet.head import LinearHead
+
+    logits = np.array([[9.0, 7.0, 6.0], [3.0, 0.0, 0.0]])
+    plain, normed = softmax(scaled_logits(logits, 1.0)), softmax(scaled_logits(logits, 0.1, logit_norm=True))
+    assert plain[0].max() < plain[1].max() and normed[0].max() < normed[1].max()
+    logits2 = np.array([[12.0, 8.0, 0.0], [3.0, 0.0, 0.0]])
+    plain, normed = softmax(scaled_logits(logits2, 1.0)), softmax(scaled_logits(logits2, 0.2, logit_norm=True))
+    assert plain[0].max() > plain[1].max() and normed[0].max() < normed[1].max()  # the order flips
+    assert (plain.argmax(1) == normed.argmax(1)).all()
+    head = LinearHead(np.eye(3), np.zeros(3), temperature=0.2, logit_norm=True)
+    np.testing.assert_allclose(head.proba(logits2), normed)
+
+
 def test_ece_chance_band_separates_chance_from_miscalibration():
     """A calibrated model's ECE on a few hundred items is not zero; the band says how far chance goes,
     and an overconfident model lands outside it."""

@@ -198,6 +198,9 @@ def test_truncated_weights_labels_that_do_not_fit_and_a_newer_format_are_named(r
     cfg_path.write_text(json.dumps({**cfg, "format": 99}))
     with pytest.raises(FoldernetError, match="newer foldernet"):
         foldernet.load(run_copy)
+    cfg_path.write_text(json.dumps({**cfg, "logit_norm": "yes"}))
+    with pytest.raises(FoldernetError, match="is damaged: config.json 'logit_norm' is 'yes'"):
+        foldernet.load(run_copy)
     cfg_path.write_text(json.dumps(cfg))
     _truncate(run_copy / "model" / "model.safetensors")
     proc = _cli("predict", run_copy, image)

@@ -52,6 +52,7 @@ class BundleConfig:
     tta: str | None = None                # "flip": the saved backbone averages each input with its mirror
     refit: dict | None = None
     temperature: float = 1.0
+    logit_norm: bool = False              # temperature applies to unit-normalised logits (calibration.unit_logits)
     threshold: float | None = None
     similarity_threshold: float | None = None
     threshold_rule: str = ""
@@ -125,6 +126,8 @@ class BundleConfig:
         temperature = d.get("temperature", 1.0)
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise damaged(where, f"config.json 'temperature' is {temperature!r}")
+        if not isinstance(d.get("logit_norm", False), bool):
+            raise damaged(where, f"config.json 'logit_norm' is {d.get('logit_norm')!r}")
         if d.get("tta") not in (None, "flip"):
             raise damaged(where, f"config.json 'tta' is {d.get('tta')!r}")
         for key in ("threshold", "similarity_threshold"):
@@ -401,7 +404,7 @@ class Classifier(Predictor):
                                      f"({str(exc)[:300]})") from None
         self.encoder = encoder
         self.backbone = encoder.model.eval()
-        self.head = LinearHead(weight.numpy(), bias.numpy(), cfg.temperature)
+        self.head = LinearHead(weight.numpy(), bias.numpy(), cfg.temperature, logit_norm=cfg.logit_norm)
         self.temperature = cfg.temperature
         self.audio = cfg.audio
         self.threshold = cfg.threshold

@@ -87,6 +87,7 @@ PARITY = {"onnx": "parity.json", "openvino": "parity.openvino.json", "tflite": "
 def _metadata(clf) -> dict:
     """What a model file needs beside its weights to answer like the bundle (same in every format)."""
     return {"labels": clf.labels, "preprocess": clf.preprocess.to_dict(), "temperature": clf.temperature,
+            "logit_norm": clf.config.logit_norm,
             "threshold": clf.config.threshold, "similarity_threshold": clf.config.similarity_threshold,
             "backbone": clf.config.backbone, "audio": clf.audio.to_dict() if clf.audio is not None else None,
             "input": {"name": "input", "layout": "NCHW", "dtype": "float32",

@@ -7,19 +7,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calibration import softmax
+from .calibration import scaled_logits, softmax
 from .progress import progress_bar
 
 
 @dataclass
 class LinearHead:
     """``weight`` (C, D) and ``bias`` (C,) of a softmax classifier on D-dim features, with the
-    calibration ``temperature``; ``history`` is the per-epoch record of the last ``fit``."""
+    calibration ``temperature`` (applied to unit-normalised logits with ``logit_norm``, see
+    calibration.unit_logits); ``history`` is the per-epoch record of the last ``fit``."""
 
     weight: np.ndarray
     bias: np.ndarray
     temperature: float = 1.0
     history: list[dict] = field(default_factory=list)
+    logit_norm: bool = False
 
     @property
     def n_classes(self) -> int:
@@ -33,7 +35,9 @@ class LinearHead:
         return x @ self.weight.T + self.bias
 
     def proba(self, x: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        return softmax(self.logits(x) / (self.temperature if calibrated else 1.0))
+        if not calibrated:
+            return softmax(self.logits(x))
+        return softmax(scaled_logits(self.logits(x), self.temperature, self.logit_norm))
 
     @classmethod
     def fit(cls, x_train: np.ndarray, y_train: np.ndarray, val: tuple[np.ndarray, np.ndarray] | None, n_classes: int,
@@ -126,7 +130,8 @@ class LinearHead:
 
 def network(backbone, head: LinearHead | None, n_classes: int, dim: int, with_outputs: bool = False):
     """backbone + linear head as one ``nn.Module``: logits for fine-tuning; with ``with_outputs``
-    (export) ``(softmax(logits / T), features, logits)`` so the ONNX graph answers like the bundle."""
+    (export) ``(softmax(logits / T), features, logits)`` (logits unit-normalised first when the head
+    says so) so the ONNX graph answers like the bundle."""
     import torch
     from torch import nn
 
@@ -137,13 +142,15 @@ def network(backbone, head: LinearHead | None, n_classes: int, dim: int, with_ou
             self.head = head.torch_module() if head is not None else nn.Linear(dim, n_classes)
             temperature = head.temperature if head is not None else 1.0
             self.register_buffer("inv_temperature", torch.tensor(1.0 / temperature), persistent=False)
+            self.logit_norm = bool(head is not None and head.logit_norm)
 
         def forward(self, x):
             f = self.backbone(x)
             logits = self.head(f)
             if not with_outputs:
                 return logits
-            return torch.softmax(logits * self.inv_temperature, dim=-1), f, logits
+            z = logits / logits.norm(dim=-1, keepdim=True).clamp_min(1e-12) if self.logit_norm else logits
+            return torch.softmax(z * self.inv_temperature, dim=-1), f, logits
 
     return Network()
 

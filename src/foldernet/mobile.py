@@ -222,7 +222,9 @@ def convert_coreml(module, size: int, meta: dict, int8: bool = False):
     model.short_description = (f"foldernet classifier over {len(meta['labels'])} classes: input 'input' is "
                                f"preprocessed float32 pixels (1, 3, {size}, {size}); see the foldernet metadata")
     model.input_description["input"] = "preprocessed pixels, NCHW float32 (see metadata 'preprocess')"
-    model.output_description["probabilities"] = "softmax(logits / temperature), in the order of metadata 'labels'"
+    model.output_description["probabilities"] = ("softmax(logits / temperature), the logits unit-normalised "
+                                                    "first when metadata 'logit_norm' is true, in the order of "
+                                                    "metadata 'labels'")
     model.output_description["features"] = "pooled backbone features (similar-example search)"
     model.output_description["logits"] = "head logits before temperature"
     return model

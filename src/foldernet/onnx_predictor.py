@@ -16,7 +16,7 @@ import numpy as np
 
 from .bundle import Batch, Predictor
 from .errors import FoldernetError
-from .calibration import softmax
+from .calibration import scaled_logits, softmax
 from .modality import decode_error, source_pixels
 from .preprocess import Preprocess, mean_per_input
 
@@ -43,6 +43,7 @@ class ExportedClassifier(Predictor):
         self.labels: list[str] = labels
         self.preprocess = pre
         self.temperature = float(info.get("temperature", 1.0))
+        self.logit_norm = bool(info.get("logit_norm", False))
         self.audio = None
         if info.get("audio"):
             from .audio import AudioConfig
@@ -67,7 +68,8 @@ class ExportedClassifier(Predictor):
         out = {k: mean_per_input(np.concatenate([p[k] for p in parts]), [len(p) for p in pixel_list])
                for k in parts[0]}
         # averaging logits (not probabilities) matches the bundle, which averages embeddings
-        probs = softmax(out["logits"] / self.temperature) if "logits" in out else out["probabilities"]
+        probs = softmax(scaled_logits(out["logits"], self.temperature, self.logit_norm)) if "logits" in out \
+            else out["probabilities"]
         return probs, out.get("features")
 
     def predict_batch(self, sources: Sequence, progress: bool = False):

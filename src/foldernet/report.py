@@ -184,7 +184,8 @@ def write_report(run: str | os.PathLike, data_root: str | os.PathLike | None = N
                 rows.append([f"top-{k} accuracy", _pct(m[f"top{k}"])])
         if "ece" in m:
             rows.append(["expected calibration error", f"{m['ece_uncalibrated']:.4f} before, {m['ece']:.4f} after "
-                         f"temperature scaling (T = {cfg['temperature']:.3f})" + _ece_chance(m)])
+                         f"temperature scaling (T = {cfg['temperature']:.3f}"
+                         + (", on unit-normalised logits" if cfg.get("logit_norm") else "") + ")" + _ece_chance(m)])
         if cfg.get("threshold") is not None:
             rows.append(["'not sure' threshold", f"{cfg['threshold']:.4f} ({e(cfg.get('threshold_rule', ''))}); "
                          f"{_pct(m.get('not_sure_rate'))} of this split is 'not sure', accuracy when sure "

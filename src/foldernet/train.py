@@ -16,7 +16,7 @@ from rich.text import Text
 
 from .bundle import BundleConfig, save_bundle
 from .calibration import (K_NEIGHBOURS, NOT_SURE_QUANTILE, choose_thresholds, crossfit_operating_point,
-                          fit_temperature, not_sure_mask, operating_point)
+                          fit_temperature, not_sure_mask, operating_point, unit_logits)
 from .data import Dataset, scan
 from .dedup import LEAKAGE_TOLERANCE, check_leakage
 from .encoder import Encoder
@@ -121,6 +121,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
             timings["features_finetuned"] = time.perf_counter() - t
         t = time.perf_counter()
         encoder, tta = choose_tta(encoder, head, feats, ds, rows, spec, views)
+        # heads trained with label smoothing rank their answers better on normalised logits (unit_logits)
+        head.logit_norm = spec.model.mode in ("top", "finetune")
         thresholds = calibrate(head, feats.vectors, rows, spec.head.min_precision)
         heads, fit_rows, refit = refit_head(head, feats.vectors, rows, spec, weights, verbose=rank == 0,
                                             bank=views.bank)
@@ -488,7 +490,8 @@ def calibrate(head: LinearHead, vectors: np.ndarray, rows: Rows, min_precision: 
             console.print("note: --min-precision needs a validation split; ignored here")
         return Thresholds()
     y_val = rows.y[rows.sel["val"]]
-    head.temperature = fit_temperature(head.logits(x_val), y_val)
+    z = head.logits(x_val)
+    head.temperature = fit_temperature(unit_logits(z) if head.logit_norm else z, y_val)
     sims = knn_similarity(unit_rows(vectors[rows.sel["train"]]), x_val, K_NEIGHBOURS)
     probs = head.proba(x_val)
     thresholds = Thresholds(*choose_thresholds(probs, y_val, sims))
@@ -526,7 +529,7 @@ def refit_head(head: LinearHead, vectors: np.ndarray, rows: Rows, spec: TrainSpe
     epochs = head.best_epoch()
     weights_all = class_weights(rows.y[fit_rows], len(rows.labels)) if weights is not None else None
     refitted = fit_head(vectors, rows, spec, weights_all, fit_rows=fit_rows, epochs=epochs, bank=bank)
-    refitted.temperature = head.temperature
+    refitted.temperature, refitted.logit_norm = head.temperature, head.logit_norm
     heads["test"] = refitted
     # "similar" and the distance rule then search train + val, while the similarity threshold was chosen on
     # val against train alone: held-out inputs look a little more familiar than it assumed
@@ -603,7 +606,8 @@ def bundle_config(spec: TrainSpec, encoder: Encoder, ds: Dataset, rows: Rows, he
         labels=list(rows.labels), num_features=encoder.num_features, preprocess=encoder.preprocess,
         kind=ds.kind, audio=encoder.audio, spectrogram_stats=encoder.spectrogram_stats, tta=encoder.tta, refit=(
             {k: v for k, v in refit.items() if k != "history"} if refit else None),
-        temperature=head.temperature, threshold=thresholds.confidence, similarity_threshold=thresholds.similarity,
+        temperature=head.temperature, logit_norm=head.logit_norm, threshold=thresholds.confidence,
+        similarity_threshold=thresholds.similarity,
         operating_point=thresholds.operating_point,
         threshold_rule=f"not sure when the calibrated top-1 confidence < threshold or the mean cosine similarity "
                        f"to the {K_NEIGHBOURS} nearest training images < similarity_threshold; each is the "
