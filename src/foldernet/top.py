@@ -10,7 +10,7 @@ final 1x1 convolution and the head) trains, for a few cheap epochs over those ca
 random view per image per epoch. Batch-norm statistics stay frozen (the trunk's views are not fresh
 augmentations each epoch, and small batches would only add noise), and so do the depthwise convs'
 weights (their gradients cost a fifth of a step). Measured on clothing (2 cores): lite0's last two
-stages train at ~25-30 s per epoch; validation accuracy 92.1-93.0 % in 309-316 s (3 seeds) against
+stages train at ~25-30 s per epoch; validation accuracy 92.1-93.0 % in 264-299 s (3 seeds) against
 89.2-89.7 % for lite0's head (benchmarks/vs_fastai.py, RESULTS.md). On a few hundred images the head on frozen
 features already fits the training set and tuning rarely beats it; the untouched network is then kept.
 

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from .bundle import BundleConfig, save_bundle
 from .calibration import (K_NEIGHBOURS, NOT_SURE_QUANTILE, choose_thresholds, crossfit_operating_point,
-                          fit_temperature, not_sure_mask, operating_point, unit_logits)
+                          fit_temperature, not_sure_mask, operating_point, scaled_logits)
 from .data import Dataset, scan
 from .dedup import LEAKAGE_TOLERANCE, check_leakage
 from .encoder import Encoder
@@ -121,7 +121,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
             timings["features_finetuned"] = time.perf_counter() - t
         t = time.perf_counter()
         encoder, tta = choose_tta(encoder, head, feats, ds, rows, spec, views)
-        # heads trained with label smoothing rank their answers better on normalised logits (unit_logits)
+        # heads trained with label smoothing rank their answers better on normalised logits (calibration.unit_logits)
         head.logit_norm = spec.model.mode in ("top", "finetune")
         thresholds = calibrate(head, feats.vectors, rows, spec.head.min_precision)
         heads, fit_rows, refit = refit_head(head, feats.vectors, rows, spec, weights, verbose=rank == 0,
@@ -490,8 +490,7 @@ def calibrate(head: LinearHead, vectors: np.ndarray, rows: Rows, min_precision: 
             console.print("note: --min-precision needs a validation split; ignored here")
         return Thresholds()
     y_val = rows.y[rows.sel["val"]]
-    z = head.logits(x_val)
-    head.temperature = fit_temperature(unit_logits(z) if head.logit_norm else z, y_val)
+    head.temperature = fit_temperature(scaled_logits(head.logits(x_val), 1.0, head.logit_norm), y_val)
     sims = knn_similarity(unit_rows(vectors[rows.sel["train"]]), x_val, K_NEIGHBOURS)
     probs = head.proba(x_val)
     thresholds = Thresholds(*choose_thresholds(probs, y_val, sims))
