@@ -38,6 +38,7 @@ def test_finetune_improves_over_head(small_digits, tmp_path):
     assert tuned.config["training"]["finetune"]["augment"] == "light"
     stages = [row["stage"] for row in tuned.metrics["history"]]
     assert stages[0] == 1 and stages[-1] == 2  # progressive unfreezing happened
+    assert tuned.config["logit_norm"] is True  # a kept fine-tuned epoch: a label-smoothed head
     assert (tmp_path / "ft" / "curves.png").exists()
     assert list((tmp_path / "ft" / "tensorboard").glob("events.out.tfevents.*"))
     assert not (tmp_path / "ft" / "checkpoint").exists()  # the optimizer state is dropped unless asked
@@ -212,8 +213,23 @@ def test_top_mode_skips_an_unreadable_file_and_still_tunes(small_digits, tmp_pat
     tuned = foldernet.train(data, out=tmp_path / "top", mode="top", epochs=8, views=1, report=False,
                             **{**SMALL, "img_size": 48})
     assert [rel for rel, _ in tuned.skipped] == [f"{first.name}/broken.png"]
-    assert tuned.metrics["top"]["kept_epoch"] >= 1
+    assert tuned.metrics["top"]["kept_epoch"] >= 1 and tuned.config["logit_norm"] is True
     assert tuned.metrics["splits"]["test"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+
+@pytest.mark.parametrize("mode", ["top", "finetune"])
+def test_a_head_no_epoch_beat_is_calibrated_on_plain_logits(small_digits, tmp_path, mode):
+    """Top and finetune train with label smoothing, but when no epoch beats the head trained on frozen
+    features they keep that head, which never saw smoothing: its temperature is fitted on plain logits."""
+    result = foldernet.train(small_digits, out=tmp_path / mode, mode=mode, epochs=1, finetune_lr=1e-12, views=1,
+                             report=False, **SMALL)
+    if mode == "top":
+        assert result.metrics["top"]["kept_epoch"] == 0
+    else:
+        assert not any(row["best"] for row in result.metrics["history"])
+    assert result.config["logit_norm"] is False
+    head = foldernet.train(small_digits, out=tmp_path / "head", report=False, **SMALL)
+    assert result.config["temperature"] == pytest.approx(head.config["temperature"], rel=1e-3)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -388,11 +388,11 @@ def finetune(net, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], n
                                  f"epoch {epoch + 1}/{cfg.epochs} (stage {stage})", cfg.progress and rank == 0,
                                  freeze_bn=cfg.freeze_bn and cfg.pretrained)
         acc, f1, vloss = _validate(net, val_ds, y_val, cfg.batch_size)
+        improved = not len(val_ds) or f1 > best_f1 + 1e-6
         history.append({"epoch": len(history) + 1, "stage": stage, "train_size": size,
                         "train_loss": train_loss, "val_loss": vloss,
                         "val_acc": acc, "val_macro_f1": f1, "lr": opt.param_groups[-1]["lr"],
-                        "seconds": round(time.perf_counter() - t0, 2)})
-        improved = not len(val_ds) or f1 > best_f1 + 1e-6
+                        "seconds": round(time.perf_counter() - t0, 2), "best": bool(improved)})
         if rank == 0:
             console.print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  val acc {acc:.4f}  "
                           f"val macro-F1 {f1:.4f}" + ("  (best)" if improved else ""))

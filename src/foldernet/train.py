@@ -121,8 +121,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "runs/train", spec: 
             timings["features_finetuned"] = time.perf_counter() - t
         t = time.perf_counter()
         encoder, tta = choose_tta(encoder, head, feats, ds, rows, spec, views)
-        # heads trained with label smoothing rank their answers better on normalised logits (calibration.unit_logits)
-        head.logit_norm = spec.model.mode in ("top", "finetune")
+        head.logit_norm = trained_with_label_smoothing(spec, head, top_info)
         thresholds = calibrate(head, feats.vectors, rows, spec.head.min_precision)
         heads, fit_rows, refit = refit_head(head, feats.vectors, rows, spec, weights, verbose=rank == 0,
                                             bank=views.bank)
@@ -407,6 +406,17 @@ def finetune_stage(encoder: Encoder, head: LinearHead | None, ds: Dataset, rows:
     tuned = LinearHead.from_torch(net.head)
     tuned.history = history
     return encoder.with_model(net.backbone), tuned
+
+
+def trained_with_label_smoothing(spec: TrainSpec, head: LinearHead, top_info: dict | None) -> bool:
+    """Whether the head that answers was trained with label smoothing: top and finetune train with it, but
+    keep the head trained on frozen features (without it) when no epoch beats that on validation. Such a
+    head ranks its answers better on unit-normalised logits (calibration.unit_logits)."""
+    if spec.model.mode == "top":
+        return bool(top_info and top_info.get("kept_epoch", 0) >= 1)
+    if spec.model.mode == "finetune":
+        return any(row.get("best", False) for row in head.history)
+    return False
 
 
 def top_stage(encoder: Encoder, head: LinearHead, ds: Dataset, rows: Rows, spec: TrainSpec,
