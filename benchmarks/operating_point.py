@@ -2,13 +2,14 @@
 and whether that holds on images that did not choose the threshold.
 
 Clothing's own train/validation split (the race's, `vs_fastai.py`), seeds 0..n-1, each mode run cold
-with `--min-precision P`: the default head and `--mode top`. Reported per run, from the bundle's
-operating point: the threshold, the share of validation answered and its precision there (where the
-threshold was chosen), and the cross-fitted figures (20 random halvings of validation, each threshold
-chosen on one half and scored on the other), which are the ones a user should expect on new images;
-with accuracy and ECE (and the ECE a perfectly calibrated model would show on these images by chance).
+with `--min-precision P`: the default head, `--mode top`, or the lite0+lite1+lite2 ensemble (``MODES``).
+Reported per run, from the bundle's operating point: the threshold, the share of validation answered
+and its precision there (where the threshold was chosen), and the cross-fitted figures (20 random
+halvings of validation, each threshold chosen on one half and scored on the other), which are the ones
+a user should expect on new images; with accuracy and ECE (and the ECE a perfectly calibrated model
+would show on these images by chance).
 
-    python benchmarks/operating_point.py [--modes head,top] [--seeds 3] [--min-precision 0.98]
+    python benchmarks/operating_point.py [--modes head,top,ensemble] [--seeds 3] [--min-precision 0.98]
 """
 
 from __future__ import annotations
@@ -25,12 +26,20 @@ from _common import print_table  # noqa: E402
 from vs_fastai import materialise  # noqa: E402
 
 
+# what each row trains: the default head, --mode top, and the frozen lite0+lite1+lite2 ensemble with a
+# mirror view and test-time flip (the richest frozen plan of --budget)
+MODES = {"head": {}, "top": {"mode": "top"}, "ensemble": {"backbone": "lite0+lite1+lite2", "views": 2, "tta": "auto"}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", default="head,top")
+    ap.add_argument("--modes", default="head,top", help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--min-precision", type=float, default=0.98)
     args = ap.parse_args()
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            ap.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
     import foldernet
 
     rows = []
@@ -44,7 +53,7 @@ def main() -> int:
                 os.environ["FOLDERNET_CACHE"] = str(tmp / f"cache-{seed}-{mode}")  # cold
                 t = time.perf_counter()
                 r = foldernet.train(data, out=tmp / "run", progress=False, force=True, seed=seed, report=False,
-                                    mode=mode, min_precision=args.min_precision)
+                                    min_precision=args.min_precision, **MODES[mode])
                 m = r.metrics["splits"]["val"]
                 point = r.config.get("operating_point") or {}
                 rows.append({"mode": mode, "seed": seed, "wall_s": round(time.perf_counter() - t, 1),

@@ -68,25 +68,33 @@ def test_budget_measures_plans_and_records(digits_dir, tmp_path):
     assert top["estimate_s"] is None and "at least 1000 training items" in top["skipped"]
 
 
-def test_budget_chooses_top_mode_on_a_large_set_and_one_epoch_fewer_when_time_is_short(digits_dir):
+def test_budget_chooses_top_mode_on_a_large_set_and_lets_the_clock_cut_its_last_epoch(digits_dir):
     """With enough training items and time, the planner's richest plan is --mode top; with a little
-    less time it keeps top mode with one epoch fewer; with less still it falls back to frozen features.
-    Estimates grow with the epochs."""
-    from foldernet.plan import CANDIDATES, Plan, choose, estimate
+    less time it keeps top mode's schedule, planned on one epoch fewer (the deadline decides the last);
+    with less still it tunes on 2 views instead of 3, and then falls back to frozen features. Estimates grow
+    with the epochs planned and the views."""
+    from foldernet.plan import CANDIDATES, TOP_MARGIN, Plan, choose, estimate
 
     top = next(p for p in CANDIDATES if p.mode == "top")
     paths = sorted(digits_dir.rglob("*.png"))
     plan, facts = choose("2h", paths, 3000, 400)
-    assert plan.mode == "top" and plan.epochs == 5 and facts["fits"]
-    assert "--mode top" in plan.describe()
+    assert plan.mode == "top" and plan.epochs == plan.planned_epochs == 5 and facts["fits"]
+    assert "--mode top" in plan.describe() and "may stop" not in plan.describe()
     per = facts["seconds_per_image_lite0"]
-    four, five = (estimate(Plan(top.backbone, 3, "auto", mode="top", epochs=e), len(paths), 3000, 400, per, {})
-                  for e in (4, 5))
+    four, five = (estimate(Plan(top.backbone, 3, "auto", mode="top", epochs=5, planned_epochs=e), len(paths), 3000,
+                           400, per, {}) for e in (4, 5))
     assert four < five
-    shorter, _ = choose(f"{(four + five) / 2 / 0.8:.1f}s", paths, 3000, 400, per_image=per)
-    assert shorter.mode == "top" and shorter.epochs == 4
-    short, _ = choose(f"{four * 0.9 / 0.8:.1f}s", paths, 3000, 400, per_image=per)
-    assert short.mode == "head"
+    shorter, _ = choose(f"{(four + five) / 2 / TOP_MARGIN:.1f}s", paths, 3000, 400, per_image=per)
+    assert shorter.mode == "top" and shorter.epochs == 5 and shorter.planned_epochs == 4
+    assert shorter.estimate_s == pytest.approx(four, abs=0.1) and "the clock may stop it after 4" in shorter.describe()
+    # 3 views planned on 4 epochs do not fit: top mode with 2 views, then frozen features
+    two = estimate(Plan(top.backbone, 2, "auto", mode="top", epochs=5, planned_epochs=4), len(paths), 3000, 400, per,
+                   {})
+    assert two < four
+    short, _ = choose(f"{(two + four) / 2 / TOP_MARGIN:.1f}s", paths, 3000, 400, per_image=per)
+    assert short.mode == "top" and short.views == 2 and short.planned_epochs == 4
+    shorter_still, _ = choose(f"{two * 0.95 / TOP_MARGIN:.1f}s", paths, 3000, 400, per_image=per)
+    assert shorter_still.mode == "head"
 
 
 def test_a_budget_run_on_enough_images_tunes_the_top_and_stays_within_it(tmp_path):
