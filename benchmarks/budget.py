@@ -29,8 +29,13 @@ def main() -> int:
     ap.add_argument("--dataset", default="clothing", choices=("hymenoptera", "clothing", "clothing-30"))
     args = ap.parse_args()
     import foldernet
+    from foldernet.errors import FoldernetError
     from foldernet.params import parse_duration
 
+    try:
+        budget_s = parse_duration(args.budget)  # a bad --budget stops here, before any data is laid out
+    except FoldernetError as exc:
+        ap.error(str(exc))
     rows = []
     with tempfile.TemporaryDirectory(prefix="foldernet-budget-") as tmp:
         tmp = Path(tmp)
@@ -51,10 +56,10 @@ def main() -> int:
                         f"({chosen.get('planned_epochs')} planned)"
             else:
                 what += f" views {chosen['views']}"
-            rows.append({"dataset": args.dataset, "seed": seed, "budget_s": parse_duration(args.budget), "plan": what,
+            rows.append({"dataset": args.dataset, "seed": seed, "budget_s": budget_s, "plan": what,
                          "estimate_s": chosen["estimate_s"], "measure_s": plan["measure_s"],
                          "top_epochs_run": top.get("stopped_for_budget") or (chosen["epochs"] if top else ""),
-                         "wall_s": round(wall, 1), "within": wall <= parse_duration(args.budget),
+                         "wall_s": round(wall, 1), "within": wall <= budget_s,
                          "accuracy": round(r.metrics["splits"]["val"]["accuracy"], 4)})
             print(rows[-1], flush=True)
     if rows:

@@ -60,6 +60,11 @@ class Plan:
     epochs: int | None = None   # top mode's epochs
     planned_epochs: int | None = None   # of those, how many the estimate covers (the deadline decides the rest)
 
+    @property
+    def budget_share(self) -> float:
+        """How much of the budget this plan may be estimated to use (MARGIN; TOP_MARGIN in top mode)."""
+        return TOP_MARGIN if self.mode == "top" else MARGIN
+
     def describe(self) -> str:
         parts = [f"backbone {self.backbone}", f"{self.views} view{'s' if self.views > 1 else ''} per training image",
                  f"test-time flip {self.tta}"]
@@ -138,6 +143,10 @@ def choose(budget: str, paths: list, n_train: int, n_held: int, kind: str = "ima
     rows = []
     chosen = None
     image = kind == "image"
+
+    def within(plan: Plan, est: float) -> bool:
+        return est + measured <= plan.budget_share * seconds
+
     for plan in CANDIDATES:
         if plan.mode == "top":
             if not image or n_train < TOP_MIN_TRAIN:
@@ -147,15 +156,14 @@ def choose(budget: str, paths: list, n_train: int, n_held: int, kind: str = "ima
             # the whole schedule when it fits, else planned on its first TOP_MIN_EPOCHS epochs
             fitting = [Plan(plan.backbone, plan.views, plan.tta, mode="top", epochs=TOP_EPOCHS, planned_epochs=e)
                        for e in range(TOP_EPOCHS, TOP_MIN_EPOCHS - 1, -1)]
-            fitting = [p for p in fitting if estimate(p, len(paths), n_train, n_held, per_image, exported)
-                       + measured <= TOP_MARGIN * seconds]
-            plan = fitting[0] if fitting else plan
+            plan = next((p for p in fitting if within(p, estimate(p, len(paths), n_train, n_held, per_image,
+                                                                  exported))), plan)
         est = estimate(plan, len(paths), n_train, n_held, per_image, exported, image)
         rows.append({**asdict(plan), "estimate_s": round(est, 1)})
-        if est + measured <= (TOP_MARGIN if plan.mode == "top" else MARGIN) * seconds or chosen is None:
+        if within(plan, est) or chosen is None:
             chosen = Plan(plan.backbone, plan.views, plan.tta if image else "off", round(est, 1), plan.mode,
                           plan.epochs, plan.planned_epochs)
-    fits = chosen.estimate_s + measured <= (TOP_MARGIN if chosen.mode == "top" else MARGIN) * seconds
+    fits = within(chosen, chosen.estimate_s)
     facts = {"budget_s": seconds, "seconds_per_image_lite0": round(per_image, 5), "measure_s": round(measured, 1),
              "exported": exported, "candidates": rows, "chosen": asdict(chosen), "fits": fits}
     return chosen, facts
