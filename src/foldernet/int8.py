@@ -237,6 +237,58 @@ def _activation_points(backbone):
     return [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d) or getattr(m, "has_skip", False)]
 
 
+class _SimulatedInt8:
+    """Inside ``with``, ``net`` (the export network) computes as its int8 file will: the input and every
+    activation point rounded to 8 bits per tensor with the ranges ONNX Runtime's MinMax calibration
+    finds on ``calib`` (always including 0), Conv weights to 8 bits per output channel (from the current
+    weights, so the rounding follows them as they move; gradients pass straight through). On exit the
+    float weights stay, the rounding goes."""
+
+    def __init__(self, net, calib: np.ndarray):
+        self.net, self.points = net, _activation_points(net.backbone)
+        self.ranges = {id(m): [0.0, 0.0] for m in self.points}
+
+        def record(k, out):
+            r = self.ranges[id(self.points[k])]
+            r[0], r[1] = min(r[0], float(out.min())), max(r[1], float(out.max()))
+
+        _observe(net, calib, self.points, record)
+        self.input_range = min(0.0, float(calib.min())), max(0.0, float(calib.max()))
+
+    @staticmethod
+    def _fake_quant(out, lo: float, hi: float):
+        import torch
+
+        scale = max(hi - lo, 1e-8) / 255.0
+        return torch.fake_quantize_per_tensor_affine(out, scale, int(round(-lo / scale)), 0, 255)
+
+    def __enter__(self):
+        from torch import nn
+        from torch.nn.utils import parametrize
+
+        class FakeQuant(nn.Module):
+            def forward(self, w):
+                return _fake_quant_weight(w)
+
+        self.convs = [m for m in self.net.backbone.modules() if isinstance(m, nn.Conv2d)]
+        for m in self.convs:
+            parametrize.register_parametrization(m, "weight", FakeQuant())
+        self.hooks = [m.register_forward_hook(lambda mod, _inp, out: self._fake_quant(out, *self.ranges[id(mod)]))
+                      for m in self.points]
+        self.hooks.append(self.net.backbone.register_forward_pre_hook(
+            lambda _mod, args: (self._fake_quant(args[0], *self.input_range),)))
+        return self
+
+    def __exit__(self, *exc):
+        from torch.nn.utils import parametrize
+
+        for h in self.hooks:
+            h.remove()
+        for m in self.convs:  # keep the float weights, drop the simulated rounding
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+        return False
+
+
 def distill(module, pixels: np.ndarray, calib: np.ndarray, steps: int = DISTILL_STEPS, lr: float = DISTILL_LR,
             batch: int = DISTILL_BATCH, seed: int = 0, progress: bool = True):
     """A copy of ``module`` (the export network: (probabilities, features, logits)) tuned so that its
@@ -249,8 +301,6 @@ def distill(module, pixels: np.ndarray, calib: np.ndarray, steps: int = DISTILL_
 
     import torch
     import torch.nn.functional as F
-    from torch import nn
-    from torch.nn.utils import parametrize
 
     torch.manual_seed(seed)
     teacher = module.eval()
@@ -258,40 +308,6 @@ def distill(module, pixels: np.ndarray, calib: np.ndarray, steps: int = DISTILL_
     x_all = torch.from_numpy(np.ascontiguousarray(pixels, np.float32))
     with torch.no_grad():
         target = torch.cat([teacher(x_all[i:i + 64])[2] for i in range(0, len(x_all), 64)])
-
-    points = _activation_points(student.backbone)
-    ranges = {id(m): [0.0, 0.0] for m in points}  # the calibration always includes 0, as ORT's does
-
-    def record(k, out):
-        r = ranges[id(points[k])]
-        r[0], r[1] = min(r[0], float(out.min())), max(r[1], float(out.max()))
-
-    _observe(student, calib, points, record)
-
-    def fake_quant(mod, _inp, out):
-        lo, hi = ranges[id(mod)]
-        scale = max(hi - lo, 1e-8) / 255.0
-        zero = int(round(-lo / scale))
-        return torch.fake_quantize_per_tensor_affine(out, scale, zero, 0, 255)
-
-    class FakeQuant(nn.Module):
-        def forward(self, w):
-            return _fake_quant_weight(w)
-
-    convs = [m for m in student.backbone.modules() if isinstance(m, nn.Conv2d)]
-    for m in convs:
-        parametrize.register_parametrization(m, "weight", FakeQuant())
-    lo_in, hi_in = min(0.0, float(calib.min())), max(0.0, float(calib.max()))  # ORT quantises the input too
-    scale_in = max(hi_in - lo_in, 1e-8) / 255.0
-
-    def quant_input(_mod, args):
-        return (torch.fake_quantize_per_tensor_affine(args[0], scale_in, int(round(-lo_in / scale_in)), 0, 255),)
-
-    hooks = [m.register_forward_hook(fake_quant) for m in points]
-    hooks.append(student.backbone.register_forward_pre_hook(quant_input))
-    for p in student.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     rng = np.random.default_rng(seed)
     probe = torch.from_numpy(rng.choice(len(x_all), min(256, len(x_all)), replace=False))
 
@@ -302,7 +318,10 @@ def distill(module, pixels: np.ndarray, calib: np.ndarray, steps: int = DISTILL_
             return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target[probe], -1), log_target=True,
                                   reduction="batchmean"))
 
-    try:
+    with _SimulatedInt8(student, calib):
+        for p in student.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
         before = divergence()
         with progress_bar(steps, "int8 distillation", enabled=progress) as bar:
             for _ in range(steps):
@@ -316,11 +335,6 @@ def distill(module, pixels: np.ndarray, calib: np.ndarray, steps: int = DISTILL_
                 bar.update(info=f"KL {loss.item():.4f}")
                 bar.advance()
         after = divergence()
-    finally:
-        for h in hooks:
-            h.remove()
-        for m in convs:  # keep the trained float weights, drop the simulated rounding
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
     for p in student.parameters():
         p.requires_grad_(False)
     console.print(f"int8 distillation: {steps} steps on {len(x_all)} training rows; simulated int8 KL from the "
