@@ -132,13 +132,16 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, keep_fp32: list[str]
 EQUALISE_MAX_SCALE = 32.0
 
 
-def _observe(net, calib: np.ndarray, modules: list, record) -> None:
+def _observe(net, calib: np.ndarray, modules: list, record, inputs: bool = False) -> None:
     """Run the calibration rows through ``net`` (batches of 32, no gradients) with ``record(k, output)``
-    called on every output of ``modules[k]``: how equalisation and distillation read activation ranges."""
+    called on every output of ``modules[k]`` (its input, with ``inputs``): how equalisation and
+    distillation read activation ranges."""
     import torch
 
-    hooks = [m.register_forward_hook(lambda _mod, _inp, out, k=k: record(k, out.detach()))
-             for k, m in enumerate(modules)]
+    def hook(k: int, inp, out) -> None:  # returns nothing: a forward hook's return value replaces the output
+        record(k, (inp[0] if inputs else out).detach())
+
+    hooks = [m.register_forward_hook(lambda _mod, inp, out, k=k: hook(k, inp, out)) for k, m in enumerate(modules)]
     try:
         with torch.no_grad():
             for i in range(0, len(calib), 32):
