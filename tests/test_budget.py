@@ -72,7 +72,7 @@ def test_budget_chooses_top_mode_on_a_large_set_and_lets_the_clock_cut_its_last_
     """With enough training items and time, the planner's richest plan is --mode top; with a little
     less time it keeps top mode's schedule, planned on one epoch fewer (the deadline decides the last);
     with less still it tunes on 2 views instead of 3, and then falls back to frozen features. Estimates grow
-    with the epochs planned and the views."""
+    with the epochs planned and the views. With --min-precision top mode is not planned."""
     from foldernet.plan import CANDIDATES, TOP_MARGIN, Plan, choose, estimate
 
     top = next(p for p in CANDIDATES if p.mode == "top")
@@ -95,6 +95,11 @@ def test_budget_chooses_top_mode_on_a_large_set_and_lets_the_clock_cut_its_last_
     assert short.mode == "top" and short.views == 2 and short.planned_epochs == 4
     shorter_still, _ = choose(f"{two * 0.95 / TOP_MARGIN:.1f}s", paths, 3000, 400, per_image=per)
     assert shorter_still.mode == "head"
+    # asked for a precision, the same two hours plan the richest frozen ensemble: it answered more at 0.98
+    precise, facts = choose("2h", paths, 3000, 400, per_image=per, min_precision=0.98)
+    assert precise.mode == "head" and precise.backbone.count("+") == 2 and facts["fits"]
+    skipped = [row["skipped"] for row in facts["candidates"] if row["mode"] == "top"]
+    assert skipped and all("--min-precision" in why for why in skipped)
 
 
 def test_a_budget_run_on_enough_images_tunes_the_top_and_stays_within_it(tmp_path):

@@ -179,7 +179,8 @@ def plan_run(ds: Dataset, spec: TrainSpec, verbose: bool = True) -> tuple[TrainS
         n_held = int(round(n * (spec.split.val + spec.split.test)))
     console.print(f"planning for a budget of {spec.model.budget}: timing this machine on {min(n, 48)} of your "
                   "files...", markup=False)
-    chosen, facts = choose(spec.model.budget, [it.path for it in ds.items], n - n_held, n_held, ds.kind)
+    chosen, facts = choose(spec.model.budget, [it.path for it in ds.items], n - n_held, n_held, ds.kind,
+                           min_precision=spec.head.min_precision)
     if verbose:
         for row in facts["candidates"]:
             same = (row["backbone"], row["views"], row["mode"]) == (chosen.backbone, chosen.views, chosen.mode)
