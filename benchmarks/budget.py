@@ -1,9 +1,10 @@
 """`--budget`: does a user who names only the minutes get the best model they allow, inside them?
 
-Clothing's own train/validation split (the race's, `vs_fastai.py`), seeds 0..n-1, each run cold (its
-own empty cache, so the ONNX exports and every feature are paid for) with `--budget B` and nothing
-else. Reported per run: the plan chosen (and its estimate), the wall time end to end, whether top mode
-stopped early for the budget, and validation accuracy. The issue's target: >= 92 % within 5 minutes.
+Clothing's own train/validation split (the race's, `vs_fastai.py`; `--dataset` picks hymenoptera or
+clothing-30 instead), seeds 0..n-1, each run cold (its own empty cache, so the ONNX exports and every
+feature are paid for) with `--budget B` and nothing else. Reported per run: the plan chosen (and its
+estimate), the wall time end to end, whether top mode stopped early for the budget, and validation
+accuracy. The issue's target: >= 92 % within 5 minutes.
 
     python benchmarks/budget.py [--budget 5m] [--seeds 3] [--dataset clothing]
 """

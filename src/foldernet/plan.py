@@ -21,12 +21,9 @@ import time
 from dataclasses import asdict, dataclass
 
 from .features import cache_dir
-from .models import DEFAULT_BACKBONE, create_backbone, ensemble_members, state_digest
+from .models import DEFAULT_BACKBONE, create_backbone, state_digest
 from .params import parse_duration
 
-# Seconds per image relative to lite0 at its own size, decode included (2 cores, clothing photos:
-# 34 s per 3068 images for lite0 at 224, 66 s for lite2 at 260; lite1 at 240 from its FLOPs).
-RELATIVE_COST = {"tf_efficientnet_lite0": 1.0, "tf_efficientnet_lite1": 1.45, "tf_efficientnet_lite2": 1.95}
 # The costs below are multiples of seconds_per_image's figure: lite0's steady cost per file on a warm
 # sample. Until 2026-12-07 the figure was one pass of a fresh ONNX session after an 8-file warm-up, which
 # still ran at warm-up speed: over 11 fresh processes on clothing it read 9.6-13.9 ms (mean 10.9) where the
@@ -37,17 +34,15 @@ OLD_FIGURE = 1.28
 # A pass over all the user's files costs a little more than the warm sample: cold reads, varied sizes,
 # the cache written (clothing, 3409 files, 8 processes: 0.99-1.13x the sample's figure, mean 1.05)
 FEATURE_PASS = 1.05
-# One-off ONNX export and check of a backbone not yet in the cache, in lite0-images' worth of time.
-EXPORT_IMAGES = {"tf_efficientnet_lite0": 1800 * OLD_FIGURE, "tf_efficientnet_lite1": 3000 * OLD_FIGURE,
-                 "tf_efficientnet_lite2": 5000 * OLD_FIGURE}
 # The graphs --budget plans, measured whole (clothing, 3409 files, 2026-12-07, cold cache): seconds per
 # pass relative to the figure, plain and mirror passes averaged (lite0 FEATURE_PASS; lite0+lite1 1.58x and
 # 1.96x; lite0+lite1+lite2 3.0x and 3.75x), and the one-off export and check in figure-images (8.1, 12.0 and
-# 21.3 s). Members share the decode, so an ensemble costs less than its members' RELATIVE_COST summed:
-# that sum and EXPORT_IMAGES, kept for other graphs, put lite0+lite1+lite2 at 390 s on clothing where the
-# run took 235 s (this table: 229 s), and lite0+lite1 at 222 s where it took 131 s (this table: 130 s).
-_LITE01, _LITE012 = "tf_efficientnet_lite0+tf_efficientnet_lite1", \
-    "tf_efficientnet_lite0+tf_efficientnet_lite1+tf_efficientnet_lite2"
+# 21.3 s). Members share the decode, so an ensemble costs less than its members alone summed: the sum
+# (lite0 1.0, lite1 1.45, lite2 1.95 relative to lite0, exports of 1800-5000 lite0-images each) put
+# lite0+lite1+lite2 at 390 s on clothing where the run took 235 s (this table: 229 s), and lite0+lite1 at
+# 222 s where it took 131 s (this table: 130 s). Only these graphs are planned (CANDIDATES).
+_LITE01 = "tf_efficientnet_lite0+tf_efficientnet_lite1"
+_LITE012 = "tf_efficientnet_lite0+tf_efficientnet_lite1+tf_efficientnet_lite2"
 GRAPH_COST = {DEFAULT_BACKBONE: FEATURE_PASS, _LITE01: 1.77, _LITE012: 3.38}
 GRAPH_EXPORT = {DEFAULT_BACKBONE: 930, _LITE01: 1380, _LITE012: 2450}
 FIXED_SECONDS = 8.0   # scanning, head fits, calibration, writing the bundle and report
@@ -103,8 +98,8 @@ class Plan:
 CANDIDATES = (
     Plan(DEFAULT_BACKBONE, 1, "off"),
     Plan(DEFAULT_BACKBONE, 2, "auto"),
-    Plan("tf_efficientnet_lite0+tf_efficientnet_lite1", 2, "auto"),
-    Plan("tf_efficientnet_lite0+tf_efficientnet_lite1+tf_efficientnet_lite2", 2, "auto"),
+    Plan(_LITE01, 2, "auto"),
+    Plan(_LITE012, 2, "auto"),
     # top mode with 2 views (the item and its mirror) when 3 do not fit: ~35-45 s less on clothing
     Plan(DEFAULT_BACKBONE, 2, "auto", mode="top", epochs=TOP_EPOCHS, planned_epochs=TOP_EPOCHS),
     Plan(DEFAULT_BACKBONE, 3, "auto", mode="top", epochs=TOP_EPOCHS, planned_epochs=TOP_EPOCHS),
@@ -152,12 +147,9 @@ def estimate(plan: Plan, n_items: int, n_train: int, n_held: int, per_image: flo
             TOP_FIRST_PASS * n_items + TOP_TRUNK_VIEW * views
             + TOP_EPOCH * (plan.planned_epochs or plan.epochs or TOP_EPOCHS) * n_train
             + TOP_FEATURES * (n_items + (n_held if plan.tta != "off" and image else 0)))
-    members = ensemble_members(plan.backbone)
-    cost = GRAPH_COST.get(plan.backbone) or FEATURE_PASS * sum(RELATIVE_COST.get(m, 2.0) for m in members)
-    total += per_image * cost * (n_items + flip + max(0, plan.views - 2) * n_train)
+    total += per_image * GRAPH_COST[plan.backbone] * (n_items + flip + max(0, plan.views - 2) * n_train)
     if not exported.get(plan.backbone, False):
-        total += per_image * (GRAPH_EXPORT.get(plan.backbone) or sum(EXPORT_IMAGES.get(m, 5000 * OLD_FIGURE)
-                                                                      for m in members))
+        total += per_image * GRAPH_EXPORT[plan.backbone]
     return total
 
 
@@ -195,12 +187,14 @@ def choose(budget: str, paths: list, n_train: int, n_held: int, kind: str = "ima
             if min_precision is not None:
                 rows.append({**asdict(plan), "estimate_s": None, "skipped": TOP_SKIPPED_FOR_PRECISION})
                 continue
-            # the whole schedule when it fits, else planned on its first TOP_MIN_EPOCHS epochs
-            fitting = [Plan(plan.backbone, plan.views, plan.tta, mode="top", epochs=TOP_EPOCHS, planned_epochs=e)
-                       for e in range(TOP_EPOCHS, TOP_MIN_EPOCHS - 1, -1)]
-            plan = next((p for p in fitting if within(p, estimate(p, len(paths), n_train, n_held, per_image,
-                                                                  exported))), plan)
-        est = estimate(plan, len(paths), n_train, n_held, per_image, exported, image)
+            # the whole schedule when it fits, else planned on its first TOP_MIN_EPOCHS epochs; when neither
+            # fits, the whole schedule is the row
+            tried = [(p, estimate(p, len(paths), n_train, n_held, per_image, exported, image))
+                     for p in (Plan(plan.backbone, plan.views, plan.tta, mode="top", epochs=TOP_EPOCHS,
+                                    planned_epochs=e) for e in range(TOP_EPOCHS, TOP_MIN_EPOCHS - 1, -1))]
+            plan, est = next((t for t in tried if within(*t)), tried[0])
+        else:
+            est = estimate(plan, len(paths), n_train, n_held, per_image, exported, image)
         rows.append({**asdict(plan), "estimate_s": round(est, 1)})
         if within(plan, est) or chosen is None:
             chosen = Plan(plan.backbone, plan.views, plan.tta if image else "off", round(est, 1), plan.mode,
