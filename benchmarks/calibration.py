@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import dataset, print_table  # noqa: E402
-from operating_point import MODES  # noqa: E402
+from operating_point import MODES, parse_modes  # noqa: E402
 from vs_fastai import IMAGE_TYPES  # noqa: E402
 
 
@@ -76,13 +76,11 @@ def crossfit_temperature(probs: np.ndarray, y: np.ndarray, repeats: int = 20, se
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", default="head,top,ensemble", help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--modes", default="head,top,ensemble", type=parse_modes,
+                    help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    for mode in args.modes.split(","):
-        if mode not in MODES:
-            ap.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
     root = dataset("clothing", "calibration")
     if root is None:
         return 0
@@ -97,7 +95,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="foldernet-calibration-") as tmp:
         tmp = Path(tmp)
         os.environ["FOLDERNET_CACHE"] = str(tmp / "cache")  # shared: each image's features are the same in every fold
-        for mode in args.modes.split(","):
+        for mode in args.modes:
             conf, correct, per_fold, crossfit, t0 = [], [], [], [], time.perf_counter()
             for k, (_, held_idx) in enumerate(folds):
                 held = np.zeros(len(files), bool)

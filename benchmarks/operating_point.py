@@ -34,15 +34,21 @@ MODES = {"head": {}, "top": {"mode": "top"}, "ensemble": {"backbone": "lite0+lit
          "budget": {"budget": "5m"}}
 
 
+def parse_modes(text: str) -> list[str]:
+    """``--modes``: comma-separated names of MODES, checked before anything trains."""
+    modes = text.split(",")
+    for mode in modes:
+        if mode not in MODES:
+            raise argparse.ArgumentTypeError(f"{mode!r} is not one of {', '.join(MODES)}")
+    return modes
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", default="head,top", help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--modes", default="head,top", type=parse_modes, help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--min-precision", type=float, default=0.98)
     args = ap.parse_args()
-    for mode in args.modes.split(","):
-        if mode not in MODES:
-            ap.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
     import foldernet
 
     rows = []
@@ -52,7 +58,7 @@ def main() -> int:
             data = materialise("clothing", seed, tmp / "data")
             if data is None:
                 return 0
-            for mode in args.modes.split(","):
+            for mode in args.modes:
                 os.environ["FOLDERNET_CACHE"] = str(tmp / f"cache-{seed}-{mode}")  # cold
                 t = time.perf_counter()
                 r = foldernet.train(data, out=tmp / "run", progress=False, force=True, seed=seed, report=False,
