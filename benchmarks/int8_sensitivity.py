@@ -120,7 +120,7 @@ def main() -> int:
                 rows.append({"dataset": name, "variant": f"fp32 top-2 margin < {cut}", "held_out": len(held),
                              "flipped": int((margin < cut).sum())})
             prep = int8.prepared(fp32, tmp)
-            groups = int8.stage_groups(fp32)
+            groups = int8.block_groups(fp32, blocks=False)
             names = ["stem"] + [f"blocks.{i}" for i in range(len(groups) - 2)] + ["conv_head"]
 
             def score(variant: str, out: Path) -> None:

@@ -73,6 +73,22 @@ def test_export_report_tabulates_every_file_with_size_and_speed(exported):
     assert "| onnx | fp32 | model.onnx |" in (folder / "report.md").read_text()
 
 
+def test_int8_plans_count_blocks_so_a_stage_can_be_kept_in_part(exported):
+    """The plans keep leading *blocks* in fp32: lite0's stage 1 holds two blocks, so a plan can keep its
+    first in fp32 and quantise the second. The exported graph's groups begin with the stem, then blocks."""
+    from foldernet.int8 import block_groups, block_of
+
+    assert block_of("backbone.blocks.1.0.conv_pw.weight") == "backbone.blocks.1.0"
+    assert block_of("backbone.blocks.1.0.conv_pw.weight", blocks=False) == "backbone.blocks.1"
+    assert block_of("backbone.members.1.blocks.2.1.conv_dw.weight") == "backbone.members.1.blocks.2.1"
+    assert block_of("backbone.layer1.0.conv1.weight") == "backbone.layer1.0"
+    assert block_of("backbone.conv_stem.weight") == "backbone.conv_stem"
+    folder, _ = exported
+    blocks, stages = block_groups(folder / "model.onnx"), block_groups(folder / "model.onnx", blocks=False)
+    assert len(blocks[0]) == 1 and len(blocks) > len(stages) > 2  # the stem alone first; more blocks than stages
+    assert [n for g in blocks for n in g] == [n for g in stages for n in g]  # the same nodes, in the same order
+
+
 @pytest.fixture(scope="session")
 def tflite_export(trained_run, tmp_path_factory):
     pytest.importorskip("litert_torch", reason="the mobile extra: pip install 'foldernet[mobile]'")

@@ -5,7 +5,7 @@ extra), TFLite (LiteRT: Android, embedded) and Core ML (Apple), the last two wit
 extra. The parity check runs on the bundle's held-out split: the fp32
 file must give the same top-1 as the PyTorch model on every image, or the export fails loudly. An
 int8 file (static quantisation, calibrated on training images; the fastest of a few plans that
-keep the first stages in fp32, chosen by agreement on a selection split, on weights equalised for
+keep the first blocks in fp32, chosen by agreement on a selection split, on weights equalised for
 per-tensor scales and, when no plan agrees, distilled for int8: see ``int8.py``) is written only
 when it agrees on >= 99 % and is faster here, or when the user asks for the smaller file. The numbers land
 in ``parity*.json`` either way, and ``report.md`` tabulates size, agreement and speed.
@@ -26,7 +26,7 @@ from .bundle import find_model_dir, load
 from .errors import FoldernetError
 from .io import MARKER, atomic_write_bytes, atomic_write_json, marker_kind, write_marker
 from .int8 import (INT8_MIN_AGREEMENT, INT8_PLANS, INT8_SELECT_AGREEMENT, distill, equalise, plan_name,
-                   prepared, quantize_int8, stage_groups)
+                   prepared, quantize_int8, block_groups)
 from .progress import console
 
 def _full_model(clf):
@@ -319,13 +319,13 @@ class _Job:
         return write_onnx(module, self.size, path, self.meta)
 
     def qdq_plan(self, k: int, calib: np.ndarray, work: Path, state: dict) -> Path | None:
-        """The int8 ONNX file (QDQ) of plan ``k`` (the first ``k`` stages fp32) of this round's network
+        """The int8 ONNX file (QDQ) of plan ``k`` (the first ``k`` blocks fp32) of this round's network
         (``state['module']``: equalised, or distilled), or None when the network has no such plan."""
         tag = state["tag"]
         if "path" not in state:  # the fp32 graph this round quantises, pre-processed once
             src = self.write_onnx(state["module"], work / f"round{tag}.onnx")
             state["path"] = prepared(src, work)
-            state["groups"] = stage_groups(state["path"])
+            state["groups"] = block_groups(state["path"])
         groups = state["groups"]
         if k and k >= len(groups):
             return None
@@ -389,10 +389,10 @@ class _Job:
         report, predictor, bench = self.check_fp32("tflite", "TFLite", tmp, TFLiteClassifier, time.perf_counter() - t)
         if int8:
             def make(k: int, calib: np.ndarray, work: Path, state: dict):
-                from .mobile import _stages
+                from .mobile import _blocks
 
                 net = state["module"]
-                if k and k >= len(_stages(net)):
+                if k and k >= len(_blocks(net)):
                     return None
                 cand = work / f"plan{k}{state['tag']}.tflite"
                 atomic_write_bytes(cand, with_metadata(convert_tflite(net, self.size, calib[:128], k), self.meta))
@@ -448,7 +448,7 @@ class _Job:
 
     def int8(self, fp32_predictor, make, predictor_cls, bench: np.ndarray, module, single: bool = False) -> dict:
         """Quantise with the fastest plan that agrees with fp32 on a selection split (when none does,
-        or only one that keeps stages in fp32, and ``int8_distill`` allows: the faster plans again on
+        or only one that keeps blocks in fp32, and ``int8_distill`` allows: the faster plans again on
         weights distilled for int8), then check it on the held-out split like the fp32 file: kept
         when it agrees on >= 99 % and is faster."""
         _, splits = split_files(self.model_dir, self.data)
@@ -473,7 +473,7 @@ class _Job:
 
         def better(k: int, agree: float) -> bool:
             """An agreeing plan beats any that does not, and among agreeing plans the faster (fewer
-            fp32 stages) wins; among the rest, the higher agreement."""
+            fp32 blocks) wins; among the rest, the higher agreement."""
             if best is None:
                 return True
             ok, best_ok = agree >= INT8_SELECT_AGREEMENT, best[1] >= INT8_SELECT_AGREEMENT

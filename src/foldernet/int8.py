@@ -4,7 +4,7 @@ Post-training quantisation rounds every weight and activation to 8 bits; on a sm
 separates close classes, that flips a few answers in a hundred. Three remedies, in the order
 ``export --int8`` uses them: equalisation (every activation that feeds a depthwise conv is rescaled
 per channel so that one per-tensor scale fits all its channels, the depthwise conv undoing the scale:
-the same function in fp32, rounded better in int8); plans that keep the first stages (where per-tensor
+the same function in fp32, rounded better in int8); plans that keep the first blocks (where per-tensor
 scales lose the most) in fp32; and, when no plan agrees, a short distillation: the network is tuned
 for a few dozen steps to reproduce its own fp32 logits while int8 rounding is simulated in its forward
 pass (weights per output channel, activations per tensor with the ranges ONNX Runtime's calibration
@@ -24,12 +24,15 @@ from .progress import console, progress_bar
 
 INT8_MIN_AGREEMENT = 0.99
 
-# Plans tried in order, fastest first: how many leading stages stay in fp32 (stem, blocks.0, ...).
-# Measured on lite0 (benchmarks/int8_sensitivity.py, demo digits, 2 cores, b32): all int8 ~2.2x fp32,
-# stem + first two stages fp32 ~1.45x. The early layers see the raw signal through few channels and
-# per-tensor activation scales lose the most there (quantised alone, the stem flipped 7 of 142 answers,
-# blocks.1 10, each later stage 0-2); they are also high-resolution, so keeping them fp32 costs the most.
-INT8_PLANS = (0, 2, 3)
+# Plans tried in order, fastest first: how many leading blocks stay in fp32 (the stem, then blocks.0.0,
+# blocks.1.0, ...). The early layers see the raw signal through few channels and per-tensor activation
+# scales lose the most there (benchmarks/int8_sensitivity.py, demo digits, 142 held-out answers: quantised
+# alone, the stem flipped 7, stage 1 10, each later stage 0-2); they are also high-resolution, so keeping
+# them fp32 costs the most. Counted in blocks, not stages: lite0's stage 1 is two blocks, and keeping only
+# the first in fp32 agreed as well as both (a demo bundle, 2026-12-07, equalised, 66 validation / 76 test flipped,
+# speed at b32 vs fp32): all int8 2 / 1, 2.18x; stem + blocks.0.0 fp32 4 / 2, 2.07x; + blocks.1.0 1 / 0,
+# 1.82x; + blocks.1.1 (stages 0-1 whole, the plan before) 1 / 0, 1.68x.
+INT8_PLANS = (0, 2, 3, 4)
 INT8_SELECT_AGREEMENT = 0.995
 
 
@@ -43,15 +46,20 @@ class _Calibration:
         return next(self.it, None)
 
 
-def stage_of(weight_name: str) -> str:
-    """The network stage a weight belongs to, from its module path: ``backbone.conv_stem``,
-    ``backbone.blocks.0`` (EfficientNet), ``backbone.layer1`` (ResNet), ``head``..."""
+def block_of(weight_name: str, blocks: bool = True) -> str:
+    """The network block a weight belongs to, from its module path: ``backbone.conv_stem``,
+    ``backbone.blocks.1.0`` (EfficientNet's stage 1, its first block), ``backbone.layer1.0`` (ResNet),
+    ``head``... The int8 plans keep leading blocks in fp32, so they are the unit: a stage is too coarse
+    (lite0's stage 1 is two blocks, and where its first one is kept in fp32 the second need not be).
+    ``blocks=False`` gives the stage (``backbone.blocks.1``), as the sensitivity benchmark reports."""
     key = []
     parts = weight_name.split(".")[:-1] or [weight_name]
     for i, part in enumerate(parts):
         key.append(part)
-        # an ensemble's member index (``backbone.members.1.blocks.0``) is not a stage: go on
+        # an ensemble's member index (``backbone.members.1.blocks.0.0``) is not a stage: go on
         if any(ch.isdigit() for ch in part) and not (i and parts[i - 1] == "members"):
+            if blocks and i + 1 < len(parts) and parts[i + 1].isdigit():  # the block within the stage
+                key.append(parts[i + 1])
             break
     return ".".join(key)
 
@@ -62,14 +70,15 @@ def _graph(model_path: Path):
     return onnx.load(str(model_path), load_external_data=False).graph
 
 
-def stage_groups(model_path: Path) -> list[list[str]]:
-    """Names of the Conv/Gemm nodes of an ONNX graph's backbone, grouped by stage, in graph order."""
+def block_groups(model_path: Path, blocks: bool = True) -> list[list[str]]:
+    """Names of the Conv/Gemm nodes of an ONNX graph's backbone, grouped by block (by stage with
+    ``blocks=False``), in graph order."""
     graph = _graph(model_path)
     head = set(head_nodes(graph))
     groups: dict[str, list[str]] = {}
     for node in graph.node:
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 and node.name not in head:
-            groups.setdefault(stage_of(node.input[1]), []).append(node.name)
+            groups.setdefault(block_of(node.input[1], blocks), []).append(node.name)
     return list(groups.values())
 
 
@@ -87,7 +96,7 @@ def head_nodes(graph, features: str = "features") -> list[str]:
 
 
 def plan_name(k: int, distilled: bool = False) -> str:
-    name = "all layers int8" if k == 0 else f"first {k} stages fp32 (stem included)"
+    name = "all layers int8" if k == 0 else f"first {k} blocks fp32 (stem included)"
     return name + (", distilled" if distilled else "")
 
 

@@ -57,42 +57,42 @@ def _quiet():
 
 # --- TFLite ---------------------------------------------------------------------------------------
 
-def _stages(module) -> list[str]:
-    """Module names of the network's stages in order (stem, blocks.0, ...), as export.stage_groups
+def _blocks(module) -> list[str]:
+    """Module names of the network's blocks in order (stem, blocks.0.0, ...), as int8.block_groups
     finds them in the ONNX graph, so both int8 paths keep the same layers in fp32."""
     import torch
 
-    from .int8 import stage_of
+    from .int8 import block_of
 
     seen: list[str] = []
     for name, sub in module.named_modules():
         if isinstance(sub, (torch.nn.Conv2d, torch.nn.Linear)):
-            stage = stage_of(name + ".weight")
-            if stage not in seen:
-                seen.append(stage)
+            block = block_of(name + ".weight")
+            if block not in seen:
+                seen.append(block)
     return seen
 
 
-def _stage_quantizer(base, float_stages: list[str]):
+def _block_quantizer(base, float_blocks: list[str]):
     """litert-torch's PT2E quantizer, leaving the nodes of the named modules in float (its own
     per-module option cannot say "none", and its name filter misreads torch.export's module paths)."""
 
-    class StageQuantizer(base):
+    class BlockQuantizer(base):
         def _annotate_for_static_quantization_config(self, model):
             def quantised(node) -> bool:
                 paths = [v[0] for v in node.meta.get("nn_module_stack", {}).values()]
-                return not any(p == s or p.startswith(s + ".") for p in paths for s in float_stages)
+                return not any(p == s or p.startswith(s + ".") for p in paths for s in float_blocks)
 
             self._annotate_all_static_patterns(model, self.global_config, quantised)
             return model
 
-    return StageQuantizer()
+    return BlockQuantizer()
 
 
-def convert_tflite(module, size: int, calib: np.ndarray | None = None, fp32_stages: int = 0) -> bytes:
+def convert_tflite(module, size: int, calib: np.ndarray | None = None, fp32_blocks: int = 0) -> bytes:
     """A TFLite flatbuffer of ``module`` for one (1, 3, size, size) float input; with ``calib``,
     static int8 (PT2E, per-channel symmetric weights) calibrated on those rows, the first
-    ``fp32_stages`` stages left in float. Inputs and outputs stay float32 either way."""
+    ``fp32_blocks`` blocks left in float. Inputs and outputs stay float32 either way."""
     litert_torch = require("litert_torch", "tflite")
     import torch
 
@@ -106,7 +106,7 @@ def convert_tflite(module, size: int, calib: np.ndarray | None = None, fp32_stag
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
             config = get_symmetric_quantization_config(is_per_channel=True)
-            quantizer = _stage_quantizer(PT2EQuantizer, _stages(module)[:fp32_stages]).set_global(config)
+            quantizer = _block_quantizer(PT2EQuantizer, _blocks(module)[:fp32_blocks]).set_global(config)
             graph = prepare_pt2e(torch.export.export(module.eval(), example).module(), quantizer)
             with torch.no_grad():
                 for row in calib:
