@@ -25,8 +25,8 @@ from . import __version__
 from .bundle import find_model_dir, load
 from .errors import FoldernetError
 from .io import MARKER, atomic_write_bytes, atomic_write_json, marker_kind, write_marker
-from .int8 import (INT8_MIN_AGREEMENT, INT8_PLANS, INT8_SELECT_AGREEMENT, distill, equalise, plan_name,
-                   prepared, quantize_int8, block_groups)
+from .int8 import (INT8_MIN_AGREEMENT, INT8_PLANS, INT8_SELECT_AGREEMENT, block_groups, distill, equalise,
+                   plan_name, prepared, quantize_int8)
 from .progress import console
 
 def _full_model(clf):
