@@ -47,13 +47,18 @@ def labelled_images(root: Path) -> tuple[list[Path], list[str]]:
     return files, labels
 
 
-def fold_folder(files: list[Path], labels: list[str], held: np.ndarray, out: Path) -> Path:
-    """``out/train/<class>`` and ``out/val/<class>`` of symlinks: the held fold is the validation split."""
+def fold_folder(files: list[Path], labels: list[str], held: set[int], out: Path) -> tuple[Path, list[Path]]:
+    """``out/train/<class>`` and ``out/val/<class>`` of symlinks, the items ``held`` being the validation
+    split; returns the folder and its validation links in path order."""
+    val = []
     for i, (f, cls) in enumerate(zip(files, labels)):
-        d = out / ("val" if held[i] else "train") / cls
+        d = out / ("val" if i in held else "train") / cls
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"{f.parent.parent.name}-{f.name}").symlink_to(f)
-    return out
+        link = d / f"{f.parent.parent.name}-{f.name}"
+        link.symlink_to(f)
+        if i in held:
+            val.append(link)
+    return out, sorted(val, key=str)
 
 
 def crossfit_temperature(probs: np.ndarray, y: np.ndarray, repeats: int = 20, seed: int = 0) -> list[np.ndarray]:
@@ -95,17 +100,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="foldernet-calibration-") as tmp:
         tmp = Path(tmp)
         os.environ["FOLDERNET_CACHE"] = str(tmp / "cache")  # shared: each image's features are the same in every fold
+        fold_data = [fold_folder(files, labels, set(held.tolist()), tmp / f"data-{k}")  # the same folds for every mode
+                     for k, (_, held) in enumerate(folds)]
         for mode in args.modes:
             conf, correct, per_fold, crossfit, t0 = [], [], [], [], time.perf_counter()
-            for k, (_, held_idx) in enumerate(folds):
-                held = np.zeros(len(files), bool)
-                held[held_idx] = True
-                data = fold_folder(files, labels, held, tmp / f"data-{mode}-{k}")
+            for k, (data, val) in enumerate(fold_data):
                 r = foldernet.train(data, out=tmp / "run", progress=False, force=True, seed=args.seed, report=False,
                                     **MODES[mode])
                 model = foldernet.load(tmp / "run")
-                val = sorted((data / "val").rglob("*"), key=str)
-                val = [p for p in val if p.is_file() or p.is_symlink()]
                 probs, ok, _ = model.predict_proba([str(p) for p in val])
                 y = np.array([model.labels.index(p.parent.name) for p in val])
                 probs, y = probs[ok], y[ok]

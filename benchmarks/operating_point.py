@@ -77,8 +77,8 @@ def main() -> int:
                 print(rows[-1], flush=True)
     if rows:
         print_table(rows, ["mode", "seed", "backbone", "wall_s", "accuracy", "ece", "ece_if_calibrated",
-                           "min_precision", "threshold", "val_coverage", "val_precision", "crossfit_coverage", "crossfit_precision"],
-                    "operating_point")
+                           "min_precision", "threshold", "val_coverage", "val_precision", "crossfit_coverage",
+                           "crossfit_precision"], "operating_point")
     return 0
 
 

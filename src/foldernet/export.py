@@ -472,7 +472,8 @@ class _Job:
 
         work = Path(tempfile.mkdtemp(prefix=".int8.", dir=self.out))
         tried, best, distilled_info = [], None, None
-        # every round quantises the equalised copy: the same function in fp32, rounded better in int8
+        # every round quantises the equalised copy (the same function in fp32, rounded better in int8), or,
+        # for a quantiser equalisation does not help, the network as it is
         base, equalised_info = equalise(module, calib) if equalised else (module, {"pairs": 0, "used": False})
         rounds = {"never": (False,), "auto": (False, True), "always": (True,)}[self.distill_mode]
 
